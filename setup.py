@@ -1,0 +1,33 @@
+"""tfdp: data-parallel training of GPT-style language models on TensorFlow."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="tfdp",
+    version="0.1.0",
+    description="Data-parallel GPT training on TensorFlow 2.21, Keras 3 and keras-hub",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["tfdp", "tfdp.*", "trainer", "trainer.*", "data", "data.*"]),
+    install_requires=[
+        "tensorflow>=2.21,<2.22",
+        "keras>=3.15",
+        "keras-hub>=0.32",
+        # keras-hub's WordPiece trainer and tokenizers need TF Text.
+        "tensorflow-text>=2.21,<2.22",
+        "sentencepiece",
+        "tensorboard",  # tf.summary needs it; TF 2.21 no longer installs it
+        "tensorflow-datasets",
+        "absl-py",
+        "numpy",
+    ],
+    extras_require={"test": ["pytest"]},
+    entry_points={
+        "console_scripts": [
+            "tfdp-train=trainer.train:run",
+            "tfdp-prepare=trainer.prepare:run",
+            "tfdp-generate=trainer.generate:run",
+        ],
+    },
+)

@@ -1,0 +1,79 @@
+"""tfdp's own Keras callbacks: console progress and TensorBoard scalars.
+
+The Trainer calls every callback (these and any the user passes) through
+`keras.callbacks.CallbackList` with the usual hooks. Its conventions:
+`on_train_batch_end(batch, logs)` gets the 0-based global step index, so
+step `batch + 1` has just completed; an "epoch" is the span of
+`eval_every` steps that ends with a validation, and `on_epoch_end` logs
+carry both the train metrics and `val_loss`, `val_perplexity`,
+`val_bits_per_byte`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import keras
+import tensorflow as tf
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else \
+        f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class ProgressLogger(keras.callbacks.Callback):
+    """Prints `step N/T | loss | lr | tok/s | mfu | eta` every `every` steps."""
+
+    def __init__(self, total_steps: int, every: int, print_fn=print):
+        super().__init__()
+        self.total_steps, self.every, self.print_fn = total_steps, every, print_fn
+        self.step = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.step = batch + 1
+        logs = logs or {}
+        if self.step % self.every and self.step != self.total_steps:
+            return
+        self.print_fn(
+            f"step {self.step}/{self.total_steps} | loss {logs['loss']:.4f} | "
+            f"lr {logs['learning_rate']:.2e} | {logs['tokens_per_second']:,.0f} tok/s | "
+            f"mfu {100 * logs['mfu']:.2f}% | eta {_duration(logs['eta_seconds'])}")
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        if "val_loss" in logs:
+            self.print_fn(
+                f"validation at step {self.step} | loss {logs['val_loss']:.4f} | "
+                f"perplexity {logs['val_perplexity']:.3f} | "
+                f"bits/byte {logs['val_bits_per_byte']:.4f}")
+
+
+class ScalarSummaries(keras.callbacks.Callback):
+    """Writes every numeric log to TensorBoard under `logdir/train` and `logdir/val`,
+    indexed by training step."""
+
+    def __init__(self, logdir: str):
+        super().__init__()
+        self.train_writer = tf.summary.create_file_writer(os.path.join(logdir, "train"))
+        self.val_writer = tf.summary.create_file_writer(os.path.join(logdir, "val"))
+        self.step = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.step = batch + 1
+        with self.train_writer.as_default(step=self.step):
+            for name, value in (logs or {}).items():
+                tf.summary.scalar(name, value)
+
+    def on_epoch_end(self, epoch, logs=None):
+        with self.val_writer.as_default(step=self.step):
+            for name, value in (logs or {}).items():
+                if name.startswith("val_"):
+                    tf.summary.scalar(name[4:], value)
+        self.val_writer.flush()
+        self.train_writer.flush()
+
+    def on_train_end(self, logs=None):
+        self.train_writer.close()
+        self.val_writer.close()

@@ -1,0 +1,137 @@
+"""One frozen configuration for a training run.
+
+trainer/ turns absl flags into a `Config`; everything below takes the config
+(or plain arguments) and never reads flags. `validate()` rejects bad values
+before anything is built or written, naming the flag and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+from tfdp.errors import UserError
+
+STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker_mirrored")
+TOKENIZERS = ("byte", "char", "wordpiece", "sentencepiece")
+
+# Fields that fix the model's shape or the meaning of its tokens. A model_dir
+# written with other values cannot be resumed (see `check_resumable`).
+ARCHITECTURE_FIELDS = (
+    "data", "tokenizer", "vocab_size", "val_fraction", "seq_len",
+    "num_layers", "num_heads", "hidden_dim", "intermediate_dim",
+)
+
+
+def default_model_dir() -> str:
+    """`$XDG_CACHE_HOME/tfdp/runs/default` (or ~/.cache/...)."""
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
+    return os.path.join(cache, "tfdp", "runs", "default")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything a training run needs; defaults are the README's main job.
+
+    The default job (a 0.8M-parameter byte-level GPT on the interpreter's
+    standard library) is sized to finish in about five minutes on a 2-core
+    CPU split into two replicas.
+    """
+
+    # Data: a prepared directory, a text file/glob/directory list, or "stdlib".
+    data: str = "stdlib"
+    tokenizer: str = "byte"
+    vocab_size: int | None = None  # None: the tokenizer's own default
+    val_fraction: float = 0.02
+    seq_len: int = 128
+    # Model (GPT-2 architecture from keras-hub, tied embeddings).
+    num_layers: int = 4
+    num_heads: int = 4
+    hidden_dim: int = 128
+    intermediate_dim: int = 512
+    dropout: float = 0.0
+    # Optimisation: AdamW, linear warmup then cosine decay.
+    global_batch_size: int = 32
+    train_steps: int = 1200
+    learning_rate: float = 3e-3
+    min_learning_rate: float = 3e-4
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta2: float = 0.99
+    clip_norm: float = 1.0
+    # Loop: validation, checkpoints, logging.
+    eval_every: int = 300
+    eval_steps: int = 0  # 0: the whole validation split
+    checkpoint_every: int = 300
+    keep_checkpoints: int = 3
+    log_every: int = 50
+    seed: int = 1234
+    sample_tokens: int = 300
+    # System.
+    strategy: str = "auto"
+    num_cpu_replicas: int = 2
+    jit_compile: bool = True
+    model_dir: str = dataclasses.field(default_factory=default_model_dir)
+
+    def validate(self) -> "Config":
+        """Raise UserError for the first bad value; return self when all are fine."""
+        positive = ("seq_len", "num_layers", "num_heads", "hidden_dim",
+                    "intermediate_dim", "global_batch_size", "train_steps",
+                    "eval_every", "checkpoint_every", "keep_checkpoints",
+                    "log_every", "num_cpu_replicas")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise UserError(f"--{name}={getattr(self, name)} must be a positive "
+                                "integer; pass a value >= 1")
+        non_negative = ("eval_steps", "warmup_steps", "weight_decay", "clip_norm",
+                        "min_learning_rate", "sample_tokens")
+        for name in non_negative:
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name}={getattr(self, name)} must not be negative")
+        if self.vocab_size is not None and self.vocab_size <= 0:
+            raise UserError(f"--vocab_size={self.vocab_size} must be a positive integer "
+                            "(or omitted for the tokenizer's default)")
+        if self.strategy not in STRATEGIES:
+            raise UserError(f"--strategy={self.strategy!r} is unknown; "
+                            f"use one of {', '.join(STRATEGIES)}")
+        if self.tokenizer not in TOKENIZERS:
+            raise UserError(f"--tokenizer={self.tokenizer!r} is unknown; "
+                            f"use one of {', '.join(TOKENIZERS)}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise UserError(f"--val_fraction={self.val_fraction} must be between 0 and 1 "
+                            "(exclusive), e.g. 0.02")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"--dropout={self.dropout} must be in [0, 1)")
+        if self.learning_rate <= 0:
+            raise UserError(f"--learning_rate={self.learning_rate} must be positive")
+        if self.min_learning_rate > self.learning_rate:
+            raise UserError(f"--min_learning_rate={self.min_learning_rate} exceeds "
+                            f"--learning_rate={self.learning_rate}; lower it")
+        if not 0.0 < self.beta2 < 1.0:
+            raise UserError(f"--beta2={self.beta2} must be between 0 and 1, e.g. 0.99")
+        if self.hidden_dim % self.num_heads:
+            raise UserError(f"--hidden_dim={self.hidden_dim} is not divisible by "
+                            f"--num_heads={self.num_heads}; pick values that divide")
+        if not self.model_dir:
+            raise UserError("--model_dir is empty; give a directory for checkpoints and logs")
+        return self
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "Config":
+        """Build from a saved config, ignoring keys this version does not know."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+    def check_resumable(self, saved: "Config") -> None:
+        """Refuse to continue a run whose model or data differ from this one."""
+        diffs = [f"--{name}={getattr(saved, name)!r} (now {getattr(self, name)!r})"
+                 for name in ARCHITECTURE_FIELDS
+                 if getattr(saved, name) != getattr(self, name)]
+        if diffs:
+            raise UserError(f"--model_dir={self.model_dir} holds a run with "
+                            f"{', '.join(diffs)}; use a new --model_dir or the same flags")

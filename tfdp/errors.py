@@ -1,0 +1,13 @@
+"""The one exception type a user's own mistake raises.
+
+Entry points in trainer/ catch `UserError` and print its message as a single
+line with a non-zero exit; anything else is a bug in tfdp and keeps its
+traceback.
+"""
+
+
+class UserError(Exception):
+    """A bad flag, file or environment that the user can fix.
+
+    The message names the problem and the fix in one line.
+    """

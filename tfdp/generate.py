@@ -1,0 +1,62 @@
+"""Text generation with keras-hub's samplers and the model's KV cache.
+
+Contexts longer than the model's window slide: each round keeps the last
+half window of tokens and samples into the rest, so any length can be
+generated with one compiled shape [1, seq_len].
+"""
+
+from __future__ import annotations
+
+import keras_hub
+import tensorflow as tf
+
+from tfdp.errors import UserError
+
+SAMPLERS = ("greedy", "top_k", "top_p")
+
+
+def make_sampler(name: str, temperature: float = 1.0, seed: int | None = None,
+                 top_k: int = 40, top_p: float = 0.9):
+    if temperature <= 0:
+        raise UserError(f"--temperature={temperature} must be positive, e.g. 0.8")
+    if name == "greedy":
+        return keras_hub.samplers.GreedySampler()
+    if name == "top_k":
+        return keras_hub.samplers.TopKSampler(k=top_k, seed=seed, temperature=temperature)
+    if name == "top_p":
+        return keras_hub.samplers.TopPSampler(p=top_p, seed=seed, temperature=temperature)
+    raise UserError(f"--sampler={name!r} is unknown; use one of {', '.join(SAMPLERS)}")
+
+
+def generate(model, tokenizer, prompt: str, max_new_tokens: int, sampler,
+             seq_len: int) -> str:
+    """Continue `prompt` by up to `max_new_tokens` tokens; stop at end-of-text.
+
+    The prompt is preceded by EOT, the document separator the model was
+    trained with, so an empty prompt means "start a new document".
+    """
+    if max_new_tokens <= 0:
+        raise UserError(f"--max_length={max_new_tokens} must be a positive number of tokens")
+    model.sampler = sampler
+    eot = tokenizer.eot_id
+    step = tf.function(lambda inputs: model.generate_step(inputs, stop_token_ids=[eot]))
+    context = [eot] + tokenizer.encode([prompt.encode("utf-8")])[0].tolist()
+    new: list[int] = []
+    keep = max(seq_len // 2, 1)
+    while len(new) < max_new_tokens:
+        window = (context + new)[-keep:] if len(context + new) > keep else context + new
+        window = window[-(seq_len - 1):]
+        pad = seq_len - len(window)
+        token_ids = tf.constant([window + [0] * pad], tf.int32)
+        mask = tf.constant([[True] * len(window) + [False] * pad])
+        out = step({"token_ids": token_ids, "padding_mask": mask})
+        ids = out["token_ids"].numpy()[0].tolist()
+        valid = out["padding_mask"].numpy()[0].tolist()
+        produced = [t for t, ok in zip(ids[len(window):], valid[len(window):]) if ok]
+        if eot in produced:
+            new.extend(produced[:produced.index(eot)])
+            break
+        new.extend(produced)
+        if not produced:
+            break
+    return prompt + tokenizer.decode(new[:max_new_tokens])

@@ -1,0 +1,129 @@
+"""The training loop: steps, periodic validation, checkpoints, callbacks.
+
+Keras 3's `fit` cannot drive MultiWorkerMirroredStrategy (see DESIGN.md),
+so tfdp runs its own loop around `tfdp.step` and calls standard Keras
+callbacks through `keras.callbacks.CallbackList` (conventions in
+tfdp/callbacks.py). The current step is `optimizer.iterations`, which the
+checkpoint restores, and the data position follows from it (tfdp/dataset.py).
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import time
+
+import keras
+import tensorflow as tf
+
+from tfdp.errors import UserError
+from tfdp.dataset import Split, eval_dataset_fn, eval_steps_for, train_dataset_fn
+from tfdp.step import make_eval_step, make_train_step
+
+
+class Trainer:
+    """Trains `model` on `train` with `optimizer`, validating on `val`."""
+
+    def __init__(self, cfg, strategy, model, optimizer, train: Split, val: Split,
+                 checkpoints: tf.train.CheckpointManager, callbacks=(),
+                 flops_per_token: float = 0.0, peak_flops: float = 0.0):
+        self.cfg, self.strategy, self.model, self.optimizer = cfg, strategy, model, optimizer
+        self.train, self.val, self.checkpoints = train, val, checkpoints
+        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+        self.callbacks = keras.callbacks.CallbackList(
+            list(callbacks), add_history=False, add_progbar=False, model=model)
+        self.train_step = make_train_step(strategy, model, optimizer, cfg.global_batch_size,
+                                          cfg.seq_len, cfg.clip_norm, cfg.jit_compile)
+        self.eval_step = make_eval_step(strategy, model, cfg.jit_compile)
+        self.eval_steps = eval_steps_for(val, cfg.global_batch_size, cfg.eval_steps)
+        self.tokens_per_step = cfg.global_batch_size * cfg.seq_len
+        # Bits per byte = nats per token * tokens per byte / ln 2, with the
+        # validation split's own token/byte ratio from the manifest.
+        self.tokens_per_byte = val.num_tokens / max(val.num_bytes, 1)
+        self.history: list[dict] = []
+
+    @property
+    def step(self) -> int:
+        return int(self.optimizer.iterations.numpy())
+
+    def evaluate(self) -> dict:
+        """Mean token loss over the validation split (or `eval_steps` batches)."""
+        dataset = self.strategy.distribute_datasets_from_function(
+            eval_dataset_fn(self.val, self.cfg.global_batch_size, self.eval_steps))
+        self.callbacks.on_test_begin()
+        total, count = 0.0, 0.0
+        for i, batch in enumerate(dataset):
+            self.callbacks.on_test_batch_begin(i)
+            loss_sum, n = self.eval_step(batch)
+            total, count = total + float(loss_sum), count + float(n)
+            self.callbacks.on_test_batch_end(i, {"loss": total / max(count, 1.0)})
+        loss = total / max(count, 1.0)
+        logs = {"val_loss": loss, "val_perplexity": math.exp(min(loss, 700.0)),
+                "val_bits_per_byte": loss * self.tokens_per_byte / math.log(2.0)}
+        self.callbacks.on_test_end({"loss": loss})
+        return logs
+
+    def fit(self) -> dict:
+        """Train from the current step to `train_steps`; return the last epoch's logs."""
+        cfg = self.cfg
+        start = self.step
+        dataset = self.strategy.distribute_datasets_from_function(
+            train_dataset_fn(self.train, cfg.global_batch_size, cfg.seed, start))
+        iterator = iter(dataset)
+        self.callbacks.set_params({"epochs": math.ceil(cfg.train_steps / cfg.eval_every),
+                                   "steps": cfg.eval_every, "verbose": 0})
+        self.callbacks.on_train_begin()
+        recent = collections.deque(maxlen=20)  # step times for tokens/s and ETA
+        train_time, timed_steps, eval_seconds = 0.0, 0, 0.0
+        epoch_losses: list[float] = []
+        epoch_logs: dict = {}
+        step = start
+        while step < cfg.train_steps:
+            if step == start or step % cfg.eval_every == 0:
+                self.callbacks.on_epoch_begin(step // cfg.eval_every)
+            self.callbacks.on_train_batch_begin(step)
+            learning_rate = float(self.optimizer.learning_rate.numpy())
+            began = time.perf_counter()
+            out = self.train_step(iterator)
+            loss = float(out["loss"])  # also waits for the step to finish
+            seconds = time.perf_counter() - began
+            if step > start:  # the first step includes tracing and compilation
+                recent.append(seconds)
+                train_time, timed_steps = train_time + seconds, timed_steps + 1
+            step_time = sum(recent) / len(recent) if recent else seconds
+            tokens_per_second = self.tokens_per_step / step_time
+            evals_left = (cfg.train_steps - 1) // cfg.eval_every - step // cfg.eval_every + 1
+            logs = {
+                "loss": loss,
+                "grad_norm": float(out["grad_norm"]),
+                "learning_rate": learning_rate,
+                "step_time": step_time,
+                "tokens_per_second": tokens_per_second,
+                "mfu": tokens_per_second * self.flops_per_token / self.peak_flops
+                if self.peak_flops else 0.0,
+                "eta_seconds": (cfg.train_steps - step - 1) * step_time
+                + evals_left * eval_seconds,
+            }
+            epoch_losses.append(loss)
+            self.callbacks.on_train_batch_end(step, logs)
+            step += 1
+            if not math.isfinite(loss):
+                raise UserError(f"training loss became {loss} at step {step}; lower "
+                                "--learning_rate or raise --warmup_steps/--clip_norm")
+            if step % cfg.eval_every == 0 or step == cfg.train_steps:
+                began = time.perf_counter()
+                epoch_logs = {**logs, "train_loss": sum(epoch_losses) / len(epoch_losses),
+                              **self.evaluate()}
+                eval_seconds = time.perf_counter() - began
+                epoch_losses = []
+                self.history.append({"step": step, **epoch_logs})
+                self.callbacks.on_epoch_end((step - 1) // cfg.eval_every, epoch_logs)
+            stop = bool(getattr(self.model, "stop_training", False))  # e.g. EarlyStopping
+            if stop or step % cfg.checkpoint_every == 0 or step == cfg.train_steps:
+                self.checkpoints.save(checkpoint_number=step)
+            if stop:
+                break
+        self.callbacks.on_train_end(epoch_logs)
+        self.mean_tokens_per_second = (self.tokens_per_step * timed_steps / train_time
+                                       if train_time else 0.0)
+        return epoch_logs

@@ -1,0 +1,45 @@
+"""The GPT: keras-hub's GPT-2 backbone with its causal-LM head.
+
+`GPT2CausalLM` projects hidden states through the transposed token
+embedding (tied input/output embeddings) and brings keras-hub's cached
+generation, which tfdp/generate.py uses with keras-hub samplers. Build it
+inside `strategy.scope()` so its variables are mirrored on every replica.
+"""
+
+from __future__ import annotations
+
+import keras
+import keras_hub
+
+
+def build_model(cfg, vocab_size: int) -> keras_hub.models.GPT2CausalLM:
+    """A GPT-2-style decoder sized by the config, with weights initialised."""
+    backbone = keras_hub.models.GPT2Backbone(
+        vocabulary_size=vocab_size,
+        num_layers=cfg.num_layers,
+        num_heads=cfg.num_heads,
+        hidden_dim=cfg.hidden_dim,
+        intermediate_dim=cfg.intermediate_dim,
+        dropout=cfg.dropout,
+        max_sequence_length=cfg.seq_len,
+    )
+    return keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
+
+
+def logits(model: keras.Model, token_ids, training: bool = False):
+    """Next-token logits [batch, time, vocab] for packed (unpadded) windows."""
+    import tensorflow as tf
+    mask = tf.ones_like(token_ids, dtype=tf.bool)
+    return model({"token_ids": token_ids, "padding_mask": mask}, training=training)
+
+
+def count_params(model: keras.Model) -> int:
+    return int(sum(v.numpy().size for v in model.trainable_variables))
+
+
+def non_embedding_params(model: keras.Model) -> int:
+    """Parameters counted in the 6N FLOPs term: all but position embeddings
+    (a lookup, no multiply). The tied token embedding stays in: it is the
+    output projection's matmul."""
+    position = model.backbone.get_layer("position_embedding")
+    return count_params(model) - int(sum(v.numpy().size for v in position.trainable_variables))

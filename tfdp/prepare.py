@@ -1,0 +1,163 @@
+"""Text files -> token shards + tokenizer + manifest.json, written atomically.
+
+Layout of a prepared directory:
+
+    manifest.json        tokenizer, vocab size, token/byte counts per split
+    tokenizer/           the tokenizer's assets (tokenizers.load_tokenizer)
+    train-00000.npy ...  uint16/uint32 token ids, documents joined by EOT
+    val-00000.npy ...
+
+The split is made on bytes BEFORE the tokenizer is trained: the last
+`val_fraction` of the corpus (files in the order given, as is customary for
+a held-out tail) is validation, and neither the tokenizer nor training ever
+sees it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from tfdp.errors import UserError
+from tfdp.tokenizers import train_tokenizer
+
+MANIFEST = "manifest.json"
+SHARD_TOKENS = 1 << 22  # 4M tokens (8 MB as uint16) per shard file
+
+
+def read_documents(files: list[Path]) -> list[bytes]:
+    """Read each file's bytes; UserError for unreadable or all-empty input."""
+    docs = []
+    for path in files:
+        try:
+            docs.append(Path(path).read_bytes())
+        except OSError as err:
+            raise UserError(f"cannot read {path}: {err.strerror}; check the path "
+                            "and its permissions") from None
+    if not any(docs):
+        names = ", ".join(str(f) for f in files[:3]) + (" ..." if len(files) > 3 else "")
+        raise UserError(f"the corpus is empty ({names} hold no text); give files with text")
+    return [d for d in docs if d]
+
+
+def split_documents(docs: list[bytes], val_fraction: float):
+    """Split the byte stream so its last `val_fraction` is validation.
+
+    The document on the boundary is cut at a UTF-8 character boundary.
+    """
+    total = sum(len(d) for d in docs)
+    remaining = max(1, math.ceil(total * val_fraction))
+    for i in range(len(docs) - 1, -1, -1):
+        if len(docs[i]) >= remaining:
+            cut = len(docs[i]) - remaining
+            while 0 < cut < len(docs[i]) and (docs[i][cut] & 0xC0) == 0x80:
+                cut += 1  # do not split a multi-byte character
+            head, tail = docs[i][:cut], docs[i][cut:]
+            return docs[:i] + ([head] if head else []), [tail] + docs[i + 1:]
+        remaining -= len(docs[i])
+    return [], docs
+
+
+def _stream(tokenizer, docs: list[bytes]) -> np.ndarray:
+    """All documents' ids, each followed by EOT, as one array."""
+    if not docs:
+        return np.zeros([0], np.int32)
+    parts = []
+    for ids in tokenizer.encode(docs):
+        parts.extend([ids, np.array([tokenizer.eot_id], np.int32)])
+    return np.concatenate(parts)
+
+
+def _write_shards(directory: str, split: str, tokens: np.ndarray, dtype) -> list[dict]:
+    shards = []
+    for index, start in enumerate(range(0, max(len(tokens), 1), SHARD_TOKENS)):
+        chunk = tokens[start:start + SHARD_TOKENS].astype(dtype)
+        name = f"{split}-{index:05d}.npy"
+        np.save(os.path.join(directory, name), chunk)
+        shards.append({"file": name, "tokens": int(len(chunk))})
+    return shards
+
+
+def prepare(files: list[Path], output: str, tokenizer: str = "byte",
+            vocab_size: int | None = None, val_fraction: float = 0.02,
+            log=print) -> dict:
+    """Tokenize `files` into `output` (which must not exist); return the manifest.
+
+    Everything is written to a staging directory beside `output` and renamed
+    into place at the end, so a failure leaves nothing behind.
+    """
+    output = os.path.abspath(output)
+    if os.path.exists(output) and os.listdir(output):
+        raise UserError(f"--output={output} already exists and is not empty; "
+                        "choose a new directory or delete it")
+    docs = read_documents(files)
+    if tokenizer != "byte":
+        bad = sum(1 for d in docs if not _is_utf8(d))
+        if bad:
+            print(f"warning: {bad} file(s) are not valid UTF-8; invalid bytes become "
+                  "U+FFFD (use --tokenizer=byte to keep them)", file=sys.stderr)
+    train_docs, val_docs = split_documents(docs, val_fraction)
+    if not train_docs:
+        raise UserError(f"--val_fraction={val_fraction} leaves no training text; lower it")
+    log(f"tokenizing {len(files)} file(s), {sum(map(len, docs)):,} bytes "
+        f"with the {tokenizer} tokenizer")
+    tok = train_tokenizer(tokenizer, train_docs, vocab_size)
+    dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
+    streams = {"train": _stream(tok, train_docs), "val": _stream(tok, val_docs)}
+    doc_bytes = {"train": sum(map(len, train_docs)), "val": sum(map(len, val_docs))}
+
+    parent = os.path.dirname(output)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".tfdp-prepare-", dir=parent)
+    try:
+        os.makedirs(os.path.join(staging, "tokenizer"))
+        tok.save(os.path.join(staging, "tokenizer"))
+        manifest = {
+            "format": 1,
+            "tokenizer": tok.kind,
+            "vocab_size": int(tok.vocab_size),
+            "eot_id": int(tok.eot_id),
+            "dtype": np.dtype(dtype).name,
+            "val_fraction": val_fraction,
+            "num_files": len(files),
+            "splits": {split: {"tokens": int(len(ids)), "bytes": int(doc_bytes[split]),
+                               "shards": _write_shards(staging, split, ids, dtype)}
+                       for split, ids in streams.items()},
+        }
+        with open(os.path.join(staging, MANIFEST), "w") as f:
+            json.dump(manifest, f, indent=2)
+        if os.path.isdir(output):
+            os.rmdir(output)  # empty, checked above
+        os.rename(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def load_manifest(directory: str) -> dict:
+    path = os.path.join(directory, MANIFEST)
+    if not os.path.isfile(path):
+        raise UserError(f"{directory} is not a prepared data directory (no {MANIFEST}); "
+                        "run tfdp-prepare on it first or pass text files")
+    with open(path) as f:
+        return json.load(f)
+
+
+def is_prepared(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, MANIFEST))

@@ -1,0 +1,168 @@
+"""A whole training run: config -> strategy -> data -> model -> loop -> model_dir.
+
+model_dir after a run:
+
+    config.json      the resolved Config (read back by tfdp-generate)
+    data/            token shards prepared on the fly (when --data was text)
+    tokenizer/       the tokenizer, whatever the data source
+    checkpoints/     tf.train.CheckpointManager: backbone + optimizer state
+    tensorboard/     train/ and val/ scalars (tensorboard --logdir model_dir)
+    metrics.json     final figures and the validation history
+    sample.txt       the text generated at the end
+
+Everything that can fail on a user's input (flags, strategy, data, an
+incompatible model_dir) is checked before model_dir is first written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+
+import keras
+import tensorflow as tf
+
+import data as recipes
+from tfdp.callbacks import ProgressLogger, ScalarSummaries
+from tfdp.config import Config
+from tfdp.dataset import Split
+from tfdp.errors import UserError
+from tfdp.flops import flops_per_token, machine_peak_flops
+from tfdp.generate import generate, make_sampler
+from tfdp.loop import Trainer
+from tfdp.model import build_model, count_params, non_embedding_params
+from tfdp.optimizer import build_optimizer
+from tfdp.prepare import is_prepared, load_manifest, prepare
+from tfdp.strategy import build_strategy, is_chief
+from tfdp.tokenizers import load_tokenizer
+
+
+def _saved_config(model_dir: str) -> Config | None:
+    path = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(path):
+        if os.path.isdir(model_dir) and os.listdir(model_dir):
+            raise UserError(f"--model_dir={model_dir} is not empty and holds no tfdp run "
+                            "(no config.json); choose a new or empty directory")
+        return None
+    try:
+        with open(path) as f:
+            return Config.from_dict(json.load(f))
+    except (json.JSONDecodeError, TypeError) as err:
+        raise UserError(f"{path} is unreadable ({err}); use a new --model_dir") from None
+
+
+def _load_data(cfg: Config, model_dir: str, log) -> tuple[str, Split, Split]:
+    """Find or prepare token shards; return (data_dir, train, val) splits.
+
+    Text is prepared in a staging directory and moved into model_dir/data
+    only once both splits hold at least one window.
+    """
+    spec = os.path.expanduser(cfg.data)
+    for data_dir in (spec, os.path.join(model_dir, "data")):
+        if is_prepared(data_dir):
+            return data_dir, Split(data_dir, "train", cfg.seq_len), Split(data_dir, "val", cfg.seq_len)
+    files = recipes.source_files(spec)
+    parent = os.path.dirname(model_dir)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".tfdp-data-", dir=parent)
+    try:
+        staged = os.path.join(staging, "data")
+        prepare(files, staged, cfg.tokenizer, cfg.vocab_size, cfg.val_fraction, log=log)
+        train, val = Split(staged, "train", cfg.seq_len), Split(staged, "val", cfg.seq_len)
+        os.makedirs(model_dir, exist_ok=True)
+        os.rename(staged, os.path.join(model_dir, "data"))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return os.path.join(model_dir, "data"), train, val
+
+
+def train(cfg: Config, callbacks=(), log=print) -> dict:
+    """Run (or resume) training as configured; return the final metrics."""
+    cfg = cfg.validate()
+    strategy = build_strategy(cfg.strategy, cfg.num_cpu_replicas)
+    replicas = strategy.num_replicas_in_sync
+    if cfg.global_batch_size % replicas:
+        raise UserError(f"--global_batch_size={cfg.global_batch_size} is not divisible by the "
+                        f"{replicas} replicas; use a multiple of {replicas}")
+    chief = is_chief(strategy)
+    say = log if chief else (lambda *_: None)
+    model_dir = os.path.abspath(os.path.expanduser(cfg.model_dir))
+    saved = _saved_config(model_dir)
+    if saved is not None:
+        cfg.check_resumable(saved)
+    say(f"model_dir: {model_dir}")
+    say(f"strategy: {type(strategy).__name__} with {replicas} replica(s) "
+        f"({', '.join(strategy.extended.worker_devices)})")
+    data_dir, train_split, val_split = _load_data(cfg, model_dir, say)
+    manifest = load_manifest(data_dir)
+    tokenizer = load_tokenizer(os.path.join(data_dir, "tokenizer"))
+    if chief:
+        os.makedirs(model_dir, exist_ok=True)
+        with open(os.path.join(model_dir, "config.json"), "w") as f:
+            f.write(cfg.to_json())
+        shutil.copytree(os.path.join(data_dir, "tokenizer"),
+                        os.path.join(model_dir, "tokenizer"), dirs_exist_ok=True)
+
+    with strategy.scope():
+        keras.utils.set_random_seed(cfg.seed)  # the same initial weights everywhere
+        model = build_model(cfg, manifest["vocab_size"])
+        optimizer = build_optimizer(cfg, model.trainable_variables)
+    checkpoint = tf.train.Checkpoint(backbone=model.backbone, optimizer=optimizer)
+    manager = tf.train.CheckpointManager(checkpoint, os.path.join(model_dir, "checkpoints"),
+                                         max_to_keep=cfg.keep_checkpoints)
+    if manager.latest_checkpoint:
+        checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+        say(f"resumed from step {int(optimizer.iterations.numpy())} "
+            f"({manager.latest_checkpoint})")
+
+    num_params = count_params(model)
+    fpt = flops_per_token(non_embedding_params(model), cfg.num_layers, cfg.num_heads,
+                          cfg.hidden_dim // cfg.num_heads, cfg.seq_len)
+    peak = machine_peak_flops(strategy)
+    say(f"model: {num_params:,} parameters, {fpt / 1e6:.2f} MFLOPs/token; "
+        f"data: {train_split.num_windows:,} train / {val_split.num_windows:,} val windows "
+        f"of {cfg.seq_len + 1} {manifest['tokenizer']} tokens; "
+        f"measured peak {peak / 1e9:.1f} GFLOP/s")
+    own = [ProgressLogger(cfg.train_steps, cfg.log_every, say),
+           ScalarSummaries(os.path.join(model_dir, "tensorboard"))] if chief else []
+    trainer = Trainer(cfg, strategy, model, optimizer, train_split, val_split, manager,
+                      own + list(callbacks), flops_per_token=fpt, peak_flops=peak)
+    if trainer.step >= cfg.train_steps:
+        say(f"already trained to step {trainer.step} of --train_steps={cfg.train_steps}; "
+            "raise --train_steps to continue")
+        logs = {"train_loss": float("nan"), **trainer.evaluate()}
+    else:
+        logs = trainer.fit()
+
+    sample = generate(model, tokenizer, "", cfg.sample_tokens,
+                      make_sampler("top_k", temperature=0.8, seed=cfg.seed), cfg.seq_len) \
+        if cfg.sample_tokens else ""
+    tps = getattr(trainer, "mean_tokens_per_second", 0.0)
+    metrics = {
+        "step": trainer.step,
+        "train_loss": logs.get("train_loss"),
+        "val_loss": logs["val_loss"],
+        "val_perplexity": logs["val_perplexity"],
+        "val_bits_per_byte": logs["val_bits_per_byte"],
+        "tokens_per_second": tps,
+        "tokens_per_second_per_replica": tps / replicas,
+        "mfu": tps * fpt / peak if peak else 0.0,
+        "peak_flops": peak,
+        "flops_per_token": fpt,
+        "num_replicas": replicas,
+        "global_batch_size": cfg.global_batch_size,
+        "seq_len": cfg.seq_len,
+        "num_parameters": num_params,
+        "tokenizer": manifest["tokenizer"],
+        "vocab_size": manifest["vocab_size"],
+        "history": trainer.history,
+    }
+    if chief:
+        with open(os.path.join(model_dir, "metrics.json"), "w") as f:
+            json.dump(metrics, f, indent=2)
+        with open(os.path.join(model_dir, "sample.txt"), "w") as f:
+            f.write(sample)
+        say("sample:\n" + sample)
+    return metrics

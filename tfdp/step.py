@@ -1,0 +1,81 @@
+"""The data-parallel training and evaluation steps.
+
+One training step, on every replica i at once (`strategy.run`):
+
+    L_i   = sum of token losses on replica i's batch / (global batch tokens)
+    g_i   = dL_i/dtheta                       (XLA-compiled forward/backward)
+    g     = all_reduce_sum(g_i)  = (1/N) * sum over all N target tokens' grads
+    g     = clip_by_global_norm(g, clip_norm) (same norm on every replica)
+    theta = AdamW(theta, g)                   (identical update everywhere)
+
+Dividing by the GLOBAL token count makes the summed gradient the gradient
+of the global mean loss, so N replicas on batch B update exactly as one
+replica on B would.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from tfdp.model import logits
+
+SUM = tf.distribute.ReduceOp.SUM
+
+
+def _token_losses(model, windows, training: bool):
+    inputs, targets = windows[:, :-1], windows[:, 1:]
+    out = tf.cast(logits(model, inputs, training=training), tf.float32)
+    return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=targets, logits=out)
+
+
+def make_train_step(strategy, model, optimizer, global_batch_size: int, seq_len: int,
+                    clip_norm: float, jit_compile: bool = True):
+    """Return a tf.function(iterator) -> {"loss", "grad_norm"} running one step."""
+    variables = model.trainable_variables
+    global_tokens = float(global_batch_size * seq_len)
+
+    @tf.function(jit_compile=jit_compile)
+    def forward_backward(windows):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(_token_losses(model, windows, training=True)) / global_tokens
+        return loss, tape.gradient(loss, variables)
+
+    def replica_step(windows):
+        loss, grads = forward_backward(windows)
+        grads = tf.distribute.get_replica_context().all_reduce(SUM, grads)
+        norm = tf.linalg.global_norm(grads)
+        if clip_norm > 0:
+            grads, _ = tf.clip_by_global_norm(grads, clip_norm, use_norm=norm)
+        optimizer.apply_gradients(zip(grads, variables))
+        return loss, norm
+
+    @tf.function
+    def train_step(iterator):
+        loss, norm = strategy.run(replica_step, args=(next(iterator),))
+        # Every replica holds the same norm; MEAN just picks it out.
+        return {"loss": strategy.reduce(SUM, loss, axis=None),
+                "grad_norm": strategy.reduce(tf.distribute.ReduceOp.MEAN, norm, axis=None)}
+    return train_step
+
+
+def make_eval_step(strategy, model, jit_compile: bool = True):
+    """Return a tf.function(batch) -> (summed token loss, token count) over replicas."""
+
+    @tf.function(jit_compile=jit_compile)
+    def forward(windows, weights):
+        losses = _token_losses(model, windows, training=False)
+        return (tf.reduce_sum(losses * weights[:, None]),
+                tf.reduce_sum(tf.ones_like(losses) * weights[:, None]))
+
+    # As in training, the compiled function is called from a plain Python
+    # replica function: handing a tf.function to strategy.run directly makes
+    # every replica reuse the first replica's variables.
+    def replica_eval(windows, weights):
+        return forward(windows, weights)
+
+    @tf.function
+    def eval_step(batch):
+        loss_sum, count = strategy.run(replica_eval, args=batch)
+        return (strategy.reduce(SUM, loss_sum, axis=None),
+                strategy.reduce(SUM, count, axis=None))
+    return eval_step

@@ -1,0 +1,207 @@
+"""Tokenizers: train on documents, save beside the data, load for generation.
+
+Every tokenizer maps a document (bytes) to int32 ids and reserves one id for
+end-of-text (EOT), which prepare.py puts after each document so the model
+learns where files end and generation can stop there.
+
+byte           lossless, 256 byte ids + EOT; takes any bytes, UTF-8 or not.
+char           the most frequent characters + EOT + unknown.
+wordpiece      keras-hub's WordPiece trainer and tokenizer (splits on
+               whitespace, so decoding does not restore spacing).
+sentencepiece  keras-hub's SentencePiece trainer (unigram) and tokenizer
+               (default normalisation collapses repeated whitespace).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+
+import numpy as np
+
+from tfdp.errors import UserError
+
+DEFAULT_VOCAB_SIZE = {"byte": 257, "char": 256, "wordpiece": 8192, "sentencepiece": 8192}
+_META = "tokenizer.json"
+
+
+def _texts(docs: list[bytes]) -> list[str]:
+    """Decode documents for text tokenizers; invalid UTF-8 becomes U+FFFD."""
+    return [d.decode("utf-8", errors="replace") for d in docs]
+
+
+class ByteTokenizer:
+    """Raw bytes 0..255, EOT = 256."""
+
+    kind = "byte"
+    vocab_size = 257
+    eot_id = 256
+
+    def encode(self, docs: list[bytes]) -> list[np.ndarray]:
+        return [np.frombuffer(d, dtype=np.uint8).astype(np.int32) for d in docs]
+
+    def decode(self, ids) -> str:
+        data = bytes(int(i) for i in ids if 0 <= int(i) < 256)
+        return data.decode("utf-8", errors="replace")
+
+    def save(self, directory: str) -> None:
+        _write_meta(directory, self.kind, self.vocab_size)
+
+
+class CharTokenizer:
+    """Unicode characters by frequency; EOT = 0, unknown = 1."""
+
+    kind = "char"
+    eot_id = 0
+    unk_id = 1
+
+    def __init__(self, chars: list[str]):
+        self.chars = list(chars)
+        self.vocab_size = len(self.chars) + 2
+        codes = np.array([ord(c) for c in self.chars], dtype=np.int64)
+        order = np.argsort(codes)
+        self._codes = codes[order]
+        self._ids = (order + 2).astype(np.int32)
+
+    @classmethod
+    def train(cls, docs: list[bytes], vocab_size: int) -> "CharTokenizer":
+        counts = Counter()
+        for text in _texts(docs):
+            counts.update(text)
+        # Ties broken by code point so training is deterministic.
+        ranked = sorted(counts, key=lambda c: (-counts[c], ord(c)))
+        return cls(ranked[: max(vocab_size - 2, 1)])
+
+    def encode(self, docs: list[bytes]) -> list[np.ndarray]:
+        out = []
+        for text in _texts(docs):
+            codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.int64)
+            pos = np.clip(np.searchsorted(self._codes, codes), 0, len(self._codes) - 1)
+            found = self._codes[pos] == codes
+            out.append(np.where(found, self._ids[pos], self.unk_id).astype(np.int32))
+        return out
+
+    def decode(self, ids) -> str:
+        return "".join(self.chars[i - 2] if i >= 2 else ("\ufffd" if i == 1 else "")
+                       for i in (int(x) for x in ids) if i < self.vocab_size)
+
+    def save(self, directory: str) -> None:
+        _write_meta(directory, self.kind, self.vocab_size, chars=self.chars)
+
+
+class KerasHubTokenizer:
+    """Adapter around a keras-hub tokenizer (WordPiece or SentencePiece)."""
+
+    def __init__(self, kind: str, layer, eot_id: int, assets: dict):
+        self.kind = kind
+        self.layer = layer
+        self.eot_id = eot_id
+        self.vocab_size = int(layer.vocabulary_size())
+        self._assets = assets
+
+    def encode(self, docs: list[bytes]) -> list[np.ndarray]:
+        import tensorflow as tf
+        out = []
+        texts = _texts(docs)
+        for start in range(0, len(texts), 64):  # batches keep memory bounded
+            ragged = self.layer(tf.constant(texts[start:start + 64]))
+            out.extend(np.asarray(row, dtype=np.int32) for row in ragged.to_list())
+        return out
+
+    def decode(self, ids) -> str:
+        ids = [int(i) for i in ids if int(i) != self.eot_id]
+        if not ids:
+            return ""
+        text = self.layer.detokenize([ids])
+        text = np.asarray(text).reshape(-1)[0]
+        return text.decode("utf-8", errors="replace") if isinstance(text, bytes) else str(text)
+
+    def save(self, directory: str) -> None:
+        for name, data in self._assets.items():
+            with open(os.path.join(directory, name), "wb") as f:
+                f.write(data)
+        _write_meta(directory, self.kind, self.vocab_size, eot_id=self.eot_id)
+
+
+_WORDPIECE_RESERVED = ["[PAD]", "[UNK]", "[EOT]"]
+
+
+def _wordpiece(vocab: list[str]) -> KerasHubTokenizer:
+    import keras_hub
+    layer = keras_hub.tokenizers.WordPieceTokenizer(vocabulary=vocab, oov_token="[UNK]")
+    assets = {"vocab.txt": ("\n".join(vocab) + "\n").encode("utf-8")}
+    return KerasHubTokenizer("wordpiece", layer, vocab.index("[EOT]"), assets)
+
+
+def _sentencepiece(proto: bytes) -> KerasHubTokenizer:
+    import keras_hub
+    layer = keras_hub.tokenizers.SentencePieceTokenizer(proto=proto)
+    return KerasHubTokenizer("sentencepiece", layer, int(layer.token_to_id("</s>")),
+                             {"spm.model": proto})
+
+
+def _lines(docs: list[bytes]):
+    """Training sentences for the keras-hub trainers: non-empty lines."""
+    import tensorflow as tf
+    lines = [line for text in _texts(docs) for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise UserError("the corpus has no non-blank lines to train a tokenizer on; "
+                        "give text files with content")
+    return tf.data.Dataset.from_tensor_slices(lines).batch(1024)
+
+
+def train_tokenizer(kind: str, docs: list[bytes], vocab_size: int | None = None):
+    """Train (or, for byte, just create) the tokenizer named `kind` on `docs`."""
+    size = vocab_size or DEFAULT_VOCAB_SIZE[kind]
+    if kind == "byte":
+        if size != ByteTokenizer.vocab_size:
+            raise UserError(f"--vocab_size={size} does not apply to --tokenizer=byte, "
+                            "whose vocabulary is fixed at 257; omit --vocab_size")
+        return ByteTokenizer()
+    if size < 8:
+        raise UserError(f"--vocab_size={size} is too small for --tokenizer={kind}; use >= 8")
+    if kind == "char":
+        return CharTokenizer.train(docs, size)
+    import keras_hub
+    if kind == "wordpiece":
+        vocab = keras_hub.tokenizers.compute_word_piece_vocabulary(
+            _lines(docs), vocabulary_size=size, reserved_tokens=_WORDPIECE_RESERVED)
+        return _wordpiece(list(vocab))
+    if kind == "sentencepiece":
+        try:
+            proto = keras_hub.tokenizers.compute_sentence_piece_proto(
+                _lines(docs), vocabulary_size=size)
+        except RuntimeError as err:  # e.g. vocabulary larger than the text allows
+            raise UserError(f"SentencePiece training failed ({str(err).splitlines()[-1]}); "
+                            "lower --vocab_size or give more text") from None
+        return _sentencepiece(proto)
+    raise UserError(f"--tokenizer={kind!r} is unknown; use one of "
+                    f"{', '.join(DEFAULT_VOCAB_SIZE)}")
+
+
+def _write_meta(directory: str, kind: str, vocab_size: int, **extra) -> None:
+    with open(os.path.join(directory, _META), "w") as f:
+        json.dump({"kind": kind, "vocab_size": vocab_size, **extra}, f)
+
+
+def load_tokenizer(directory: str):
+    """Load what `save` wrote into `directory`."""
+    path = os.path.join(directory, _META)
+    if not os.path.exists(path):
+        raise UserError(f"no tokenizer in {directory} (missing {_META}); "
+                        "point at a directory written by tfdp-prepare or tfdp-train")
+    with open(path) as f:
+        meta = json.load(f)
+    kind = meta["kind"]
+    if kind == "byte":
+        return ByteTokenizer()
+    if kind == "char":
+        return CharTokenizer(meta["chars"])
+    if kind == "wordpiece":
+        with open(os.path.join(directory, "vocab.txt"), encoding="utf-8") as f:
+            return _wordpiece(f.read().splitlines())
+    if kind == "sentencepiece":
+        with open(os.path.join(directory, "spm.model"), "rb") as f:
+            return _sentencepiece(f.read())
+    raise UserError(f"{path} names an unknown tokenizer {kind!r}; re-run tfdp-prepare")

@@ -1,0 +1,56 @@
+"""`app.run` with tfdp's error contract: a user's mistake is one line, exit 2."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, logging
+
+from tfdp.errors import UserError
+
+EXIT_USER_ERROR = 2
+
+
+def _quiet_tensorflow() -> None:
+    """Import TensorFlow without its C++ chatter (CUDA probes, oneDNN and XLA
+    notes), which would bury tfdp's own output.
+
+    TF 2.21 writes its start-up lines to stderr before its logger reads
+    TF_CPP_MIN_LOG_LEVEL, so stderr points at /dev/null for the import alone;
+    the variable (3: errors surface as Python exceptions) quiets the rest. A
+    user who sets TF_CPP_MIN_LOG_LEVEL gets TensorFlow's own behaviour.
+    """
+    if "TF_CPP_MIN_LOG_LEVEL" in os.environ:
+        return
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        import tensorflow  # noqa: F401  (an import error still raises below)
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def run(main) -> None:
+    """Parse flags and call `main()`; print UserError as `prog: error: ...`."""
+    prog = os.path.basename(sys.argv[0])
+
+    def wrapped(argv):
+        logging.set_verbosity(logging.WARNING)  # tfdp prints its own progress
+        _quiet_tensorflow()
+        try:
+            if len(argv) > 1:
+                raise UserError(f"unexpected argument {argv[1]!r}; flags look like --name=value "
+                                f"(see {prog} --help)")
+            main()
+        except UserError as err:
+            print(f"{prog}: error: {err}", file=sys.stderr)
+            sys.exit(EXIT_USER_ERROR)
+        except KeyboardInterrupt:
+            print(f"{prog}: interrupted", file=sys.stderr)
+            sys.exit(130)
+    app.run(wrapped)

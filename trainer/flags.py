@@ -1,0 +1,74 @@
+"""Flag definitions shared by the entry points; defaults come from Config."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from absl import flags
+
+from tfdp.config import STRATEGIES, TOKENIZERS, Config
+
+FLAGS = flags.FLAGS
+_D = Config()
+
+
+def define_data_flags() -> None:
+    """Flags that say how text becomes tokens (tfdp-prepare and tfdp-train)."""
+    flags.DEFINE_enum("tokenizer", _D.tokenizer, TOKENIZERS,
+                      "Tokenizer to train on the text (ignored for a prepared directory, "
+                      "which brings its own).")
+    flags.DEFINE_integer("vocab_size", _D.vocab_size,
+                         "Vocabulary size; default: byte 257, char 256, wordpiece and "
+                         "sentencepiece 8192.")
+    flags.DEFINE_float("val_fraction", _D.val_fraction,
+                       "Fraction of the text, taken from its end, held out for validation.")
+
+
+def define_train_flags() -> None:
+    """Every Config field as a flag, grouped as in Config."""
+    define_data_flags()
+    flags.DEFINE_string("data", _D.data,
+                        "'stdlib' (this Python's standard library sources), a directory "
+                        "written by tfdp-prepare, or text files/globs/directories, comma-separated.")
+    flags.DEFINE_integer("seq_len", _D.seq_len, "Tokens of context per training window.")
+    flags.DEFINE_integer("num_layers", _D.num_layers, "Transformer decoder layers.")
+    flags.DEFINE_integer("num_heads", _D.num_heads, "Attention heads per layer.")
+    flags.DEFINE_integer("hidden_dim", _D.hidden_dim, "Model width (embedding size).")
+    flags.DEFINE_integer("intermediate_dim", _D.intermediate_dim, "Feed-forward width.")
+    flags.DEFINE_float("dropout", _D.dropout, "Dropout rate.")
+    flags.DEFINE_integer("global_batch_size", _D.global_batch_size,
+                         "Windows per step over ALL replicas; must divide by the replica count.")
+    flags.DEFINE_integer("train_steps", _D.train_steps, "Optimizer steps to train to.")
+    flags.DEFINE_float("learning_rate", _D.learning_rate, "Peak AdamW learning rate.")
+    flags.DEFINE_float("min_learning_rate", _D.min_learning_rate,
+                       "Learning rate at the end of the cosine decay.")
+    flags.DEFINE_integer("warmup_steps", _D.warmup_steps, "Steps of linear warmup.")
+    flags.DEFINE_float("weight_decay", _D.weight_decay,
+                       "AdamW decoupled weight decay (matrices only).")
+    flags.DEFINE_float("beta2", _D.beta2, "AdamW second-moment decay.")
+    flags.DEFINE_float("clip_norm", _D.clip_norm,
+                       "Clip the averaged gradient to this global norm; 0 disables.")
+    flags.DEFINE_integer("eval_every", _D.eval_every, "Validate every this many steps.")
+    flags.DEFINE_integer("eval_steps", _D.eval_steps,
+                         "Validation batches per evaluation; 0 covers the whole split.")
+    flags.DEFINE_integer("checkpoint_every", _D.checkpoint_every,
+                         "Save a checkpoint every this many steps (and at the end).")
+    flags.DEFINE_integer("keep_checkpoints", _D.keep_checkpoints, "Checkpoints to keep.")
+    flags.DEFINE_integer("log_every", _D.log_every, "Print progress every this many steps.")
+    flags.DEFINE_integer("seed", _D.seed, "Seed for initial weights, data order and sampling.")
+    flags.DEFINE_integer("sample_tokens", _D.sample_tokens,
+                         "Tokens to generate as a sample at the end; 0 skips it.")
+    flags.DEFINE_enum("strategy", _D.strategy, STRATEGIES,
+                      "auto: multi-worker if TF_CONFIG names a cluster, else mirrored over all "
+                      "GPUs, else over --num_cpu_replicas logical CPUs.")
+    flags.DEFINE_integer("num_cpu_replicas", _D.num_cpu_replicas,
+                         "Replicas when training on CPU (the CPU is split into logical devices).")
+    flags.DEFINE_bool("jit_compile", _D.jit_compile,
+                      "Compile each replica's forward/backward with XLA.")
+    flags.DEFINE_string("model_dir", _D.model_dir,
+                        "Directory for checkpoints, TensorBoard logs, metrics and samples; "
+                        "an existing run there is resumed.")
+
+
+def config_from_flags() -> Config:
+    return Config(**{f.name: FLAGS[f.name].value for f in dataclasses.fields(Config)})

@@ -1,0 +1,59 @@
+"""Shared test set-up: two logical CPU replicas, small corpora, CLI runner.
+
+TensorFlow fixes its logical devices at first use, so the CPU is split into
+two here, before any test touches TensorFlow; OneDeviceStrategy("/cpu:0")
+still gives the single-replica reference.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import pytest  # noqa: E402
+
+from tfdp.strategy import build_strategy  # noqa: E402
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def mirrored():
+    """MirroredStrategy over two logical CPU devices."""
+    return build_strategy("mirrored", num_cpu_replicas=2)
+
+
+@pytest.fixture(scope="session")
+def one_device():
+    return build_strategy("one_device")
+
+
+def tiny_text(repeat: int = 40) -> str:
+    """A few KB of Python-like text with some non-ASCII characters."""
+    lines = [
+        "def add(a, b):\n    return a + b\n",
+        "class Point:\n    def __init__(self, x, y):\n        self.x = x\n        self.y = y\n",
+        "# café, naïve, 東京 — unicode in comments\n",
+        "for i in range(10):\n    print(i * i)\n",
+    ]
+    return "".join(lines[i % len(lines)] for i in range(repeat))
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text(tiny_text(), encoding="utf-8")
+    return path
+
+
+def run_cli(*args: str, timeout: float = 300, env: dict | None = None):
+    """Run an installed console script; return the CompletedProcess."""
+    full_env = {**os.environ, **(env or {})}
+    full_env.pop("TF_CPP_MIN_LOG_LEVEL", None)  # exercise the CLI's own quieting
+    exe = Path(sys.executable).parent / args[0]
+    return subprocess.run([str(exe), *args[1:]], capture_output=True, text=True,
+                          timeout=timeout, env=full_env)

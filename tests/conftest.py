@@ -16,7 +16,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import pytest  # noqa: E402
 
-from tfdp.strategy import build_strategy  # noqa: E402
+from tfdp.strategy import build_strategy, split_cpu  # noqa: E402
+
+split_cpu(2)  # before any test initialises TensorFlow's devices
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -20,7 +20,7 @@ import tensorflow as tf
 from tfdp.errors import UserError
 
 
-def _split_cpu(num_replicas: int) -> list[str]:
+def split_cpu(num_replicas: int) -> list[str]:
     """Expose the CPU as `num_replicas` logical devices; return their names.
 
     This must happen before TensorFlow initialises its devices; a process
@@ -95,7 +95,7 @@ def build_strategy(name: str, num_cpu_replicas: int = 2) -> tf.distribute.Strate
         return tf.distribute.OneDeviceStrategy("/gpu:0" if gpus else "/cpu:0")
     if name == "mirrored":
         devices = ([f"/gpu:{i}" for i in range(len(gpus))] if gpus
-                   else _split_cpu(num_cpu_replicas))
+                   else split_cpu(num_cpu_replicas))
         return tf.distribute.MirroredStrategy(devices)
     raise UserError(f"--strategy={name!r} is unknown; use auto, one_device, mirrored "
                     "or multi_worker_mirrored")

@@ -80,6 +80,20 @@ def _cluster_size(config: dict | None) -> int:
     return sum(len(v) for k, v in config["cluster"].items() if k in ("chief", "worker"))
 
 
+# Strategies built in this process, by kind and devices. Reusing one matters:
+# two MirroredStrategy objects over the same devices restart their collective
+# instance keys, so a second model trained in the same process (a notebook,
+# a sweep, the test suite) would hit "Shape mismatch in the collective
+# instance" when the first one's keys are reused with other tensor shapes.
+_BUILT: dict[tuple, tf.distribute.Strategy] = {}
+
+
+def _cached(key: tuple, make) -> tf.distribute.Strategy:
+    if key not in _BUILT:
+        _BUILT[key] = make()
+    return _BUILT[key]
+
+
 def build_strategy(name: str, num_cpu_replicas: int = 2) -> tf.distribute.Strategy:
     """Return the strategy named by `--strategy` (see the module docstring)."""
     tf_config = parse_tf_config()
@@ -89,14 +103,15 @@ def build_strategy(name: str, num_cpu_replicas: int = 2) -> tf.distribute.Strate
         if tf_config is None:
             raise UserError("--strategy=multi_worker_mirrored needs TF_CONFIG describing the "
                             "cluster; set it, or use --strategy=mirrored on one machine")
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        return _cached((name,), tf.distribute.MultiWorkerMirroredStrategy)
     gpus = tf.config.list_physical_devices("GPU")
     if name == "one_device":
-        return tf.distribute.OneDeviceStrategy("/gpu:0" if gpus else "/cpu:0")
+        device = "/gpu:0" if gpus else "/cpu:0"
+        return _cached((name, device), lambda: tf.distribute.OneDeviceStrategy(device))
     if name == "mirrored":
         devices = ([f"/gpu:{i}" for i in range(len(gpus))] if gpus
                    else split_cpu(num_cpu_replicas))
-        return tf.distribute.MirroredStrategy(devices)
+        return _cached((name, *devices), lambda: tf.distribute.MirroredStrategy(devices))
     raise UserError(f"--strategy={name!r} is unknown; use auto, one_device, mirrored "
                     "or multi_worker_mirrored")
 

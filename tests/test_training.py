@@ -1,0 +1,132 @@
+"""Whole runs in-process: learning, Keras callbacks, resume, model_dir contents."""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import math
+import os
+
+import keras
+import pytest
+
+from tfdp.config import Config
+from tfdp.errors import UserError
+from tfdp.restore import load_trained
+from tfdp.run import train
+
+TINY = dict(num_layers=1, num_heads=2, hidden_dim=32, intermediate_dim=64, seq_len=32,
+            global_batch_size=8, warmup_steps=5, log_every=1000, sample_tokens=0)
+
+
+def _quiet(*_):
+    pass
+
+
+class Recorder(keras.callbacks.Callback):
+    """A user's own callback: records which hooks ran with which logs."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple[str, dict]] = []
+
+    def on_train_begin(self, logs=None):
+        self.calls.append(("train_begin", dict(logs or {})))
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.calls.append(("epoch_end", dict(logs or {})))
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.calls.append(("batch_end", dict(logs or {})))
+
+    def on_test_end(self, logs=None):
+        self.calls.append(("test_end", dict(logs or {})))
+
+    def on_train_end(self, logs=None):
+        self.calls.append(("train_end", dict(logs or {})))
+
+
+def test_tiny_model_overfits_tiny_text(tmp_path, text_file):
+    cfg = Config(data=str(text_file), model_dir=str(tmp_path / "run"), train_steps=300,
+                 eval_every=100, checkpoint_every=300, learning_rate=3e-3,
+                 min_learning_rate=3e-4, val_fraction=0.1,
+                 **{**TINY, "num_layers": 2, "hidden_dim": 64, "intermediate_dim": 128})
+    metrics = train(cfg, log=_quiet)
+    start = math.log(257)  # a fresh model predicts ~uniformly over 257 bytes
+    # train_loss: the mean over the last 100 steps.
+    assert metrics["train_loss"] < 0.3 * start, metrics["train_loss"]
+    # The validation tail repeats the same lines, so it is learned too.
+    assert metrics["val_loss"] < 0.5 * start
+
+
+def test_keras_callbacks_work_through_the_trainer(tmp_path, text_file):
+    recorder = Recorder()
+    csv_path = tmp_path / "log.csv"
+    tb_dir = tmp_path / "keras_tb"
+    callbacks = [recorder, keras.callbacks.CSVLogger(str(csv_path)),
+                 keras.callbacks.TensorBoard(log_dir=str(tb_dir)),
+                 keras.callbacks.TerminateOnNaN()]
+    cfg = Config(data=str(text_file), model_dir=str(tmp_path / "run"), train_steps=12,
+                 eval_every=4, checkpoint_every=4, **TINY)
+    metrics = train(cfg, callbacks=callbacks, log=_quiet)
+
+    names = [name for name, _ in recorder.calls]
+    assert names[0] == "train_begin" and names[-1] == "train_end"
+    assert names.count("batch_end") == 12
+    assert names.count("epoch_end") == 3 and names.count("test_end") == 3
+    batch_logs = next(logs for name, logs in recorder.calls if name == "batch_end")
+    assert {"loss", "learning_rate", "tokens_per_second", "grad_norm"} <= set(batch_logs)
+    epoch_logs = [logs for name, logs in recorder.calls if name == "epoch_end"]
+    assert all("val_loss" in logs and "train_loss" in logs for logs in epoch_logs)
+    assert epoch_logs[-1]["val_loss"] == pytest.approx(metrics["val_loss"])
+
+    with open(csv_path) as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in rows] == [0, 1, 2]
+    assert float(rows[-1]["val_loss"]) == pytest.approx(metrics["val_loss"], rel=1e-5)
+    assert glob.glob(str(tb_dir / "**" / "events.out.tfevents.*"), recursive=True)
+
+
+def test_early_stopping_ends_training_and_checkpoints(tmp_path, text_file):
+    # min_delta larger than any possible improvement: stop after patience=1.
+    stopper = keras.callbacks.EarlyStopping(monitor="val_loss", patience=1, min_delta=100.0)
+    cfg = Config(data=str(text_file), model_dir=str(tmp_path / "run"), train_steps=40,
+                 eval_every=5, checkpoint_every=100, **TINY)
+    metrics = train(cfg, callbacks=[stopper], log=_quiet)
+    assert metrics["step"] == 10
+    assert os.path.exists(tmp_path / "run" / "checkpoints" / "ckpt-10.index")
+
+
+def test_resume_continues_from_the_checkpoint(tmp_path, text_file):
+    lines = []
+    common = dict(data=str(text_file), model_dir=str(tmp_path / "run"), eval_every=4,
+                  checkpoint_every=4, **TINY)
+    train(Config(train_steps=8, **common), log=_quiet)
+    metrics = train(Config(train_steps=12, **common), log=lines.append)
+    assert any("resumed from step 8" in line for line in lines)
+    assert metrics["step"] == 12
+    assert [h["step"] for h in metrics["history"]] == [12]
+
+    with pytest.raises(UserError, match="hidden_dim"):
+        train(Config(train_steps=16, **{**common, "hidden_dim": 64}), log=_quiet)
+    model, tokenizer, cfg = load_trained(str(tmp_path / "run"))
+    assert cfg.train_steps == 12 and tokenizer.kind == "byte"
+    assert model.backbone.hidden_dim == 32
+
+
+@pytest.mark.slow
+def test_default_corpus_run_lowers_validation_loss(tmp_path):
+    """The default job's data and model, fewer steps: validation loss must
+    drop well below a fresh model's ln(257) and keep falling."""
+    cfg = Config(model_dir=str(tmp_path / "run"), train_steps=80, eval_every=40,
+                 eval_steps=8, checkpoint_every=80, warmup_steps=20, sample_tokens=64)
+    metrics = train(cfg, log=_quiet)
+    history = metrics["history"]
+    assert [h["step"] for h in history] == [40, 80]
+    assert history[1]["val_loss"] < history[0]["val_loss"] < 0.8 * math.log(257)
+    with open(tmp_path / "run" / "metrics.json") as f:
+        saved = json.load(f)
+    assert saved["num_replicas"] == 2 and saved["num_parameters"] > 500_000
+    assert saved["tokens_per_second"] > 0 and 0 < saved["mfu"] < 1
+    assert (tmp_path / "run" / "sample.txt").read_text()

@@ -94,6 +94,9 @@ def prepare(files: list[Path], output: str, tokenizer: str = "byte",
     into place at the end, so a failure leaves nothing behind.
     """
     output = os.path.abspath(output)
+    if os.path.exists(output) and not os.path.isdir(output):
+        raise UserError(f"--output={output} is a file, not a directory; "
+                        "choose a new directory")
     if os.path.exists(output) and os.listdir(output):
         raise UserError(f"--output={output} already exists and is not empty; "
                         "choose a new directory or delete it")

@@ -20,8 +20,12 @@ def load_trained(model_dir: str):
     if not os.path.isfile(config_path):
         raise UserError(f"--model_dir={model_dir} holds no tfdp run (no config.json); "
                         "point at a directory written by tfdp-train")
-    with open(config_path) as f:
-        cfg = Config.from_dict(json.load(f))
+    try:
+        with open(config_path) as f:
+            cfg = Config.from_dict(json.load(f))
+    except (json.JSONDecodeError, TypeError) as err:
+        raise UserError(f"{config_path} is unreadable ({err}); "
+                        "point --model_dir at an intact tfdp-train run") from None
     latest = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
     if latest is None:
         raise UserError(f"--model_dir={model_dir} has no checkpoint yet; "

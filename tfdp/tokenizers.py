@@ -105,8 +105,10 @@ class KerasHubTokenizer:
         out = []
         texts = _texts(docs)
         for start in range(0, len(texts), 64):  # batches keep memory bounded
-            ragged = self.layer(tf.constant(texts[start:start + 64]))
-            out.extend(np.asarray(row, dtype=np.int32) for row in ragged.to_list())
+            rows = self.layer(tf.constant(texts[start:start + 64]))
+            # keras-hub returns Python lists in eager mode, a RaggedTensor in graphs.
+            rows = rows.to_list() if hasattr(rows, "to_list") else rows
+            out.extend(np.asarray(row, dtype=np.int32) for row in rows)
         return out
 
     def decode(self, ids) -> str:
@@ -142,13 +144,14 @@ def _sentencepiece(proto: bytes) -> KerasHubTokenizer:
 
 
 def _lines(docs: list[bytes]):
-    """Training sentences for the keras-hub trainers: non-empty lines."""
+    """Training sentences for the keras-hub trainers: non-empty lines, one per
+    element (the SentencePiece trainer rejects batches; WordPiece batches them)."""
     import tensorflow as tf
     lines = [line for text in _texts(docs) for line in text.splitlines() if line.strip()]
     if not lines:
         raise UserError("the corpus has no non-blank lines to train a tokenizer on; "
                         "give text files with content")
-    return tf.data.Dataset.from_tensor_slices(lines).batch(1024)
+    return tf.data.Dataset.from_tensor_slices(lines)
 
 
 def train_tokenizer(kind: str, docs: list[bytes], vocab_size: int | None = None):
@@ -166,7 +169,8 @@ def train_tokenizer(kind: str, docs: list[bytes], vocab_size: int | None = None)
     import keras_hub
     if kind == "wordpiece":
         vocab = keras_hub.tokenizers.compute_word_piece_vocabulary(
-            _lines(docs), vocabulary_size=size, reserved_tokens=_WORDPIECE_RESERVED)
+            _lines(docs).batch(1024), vocabulary_size=size,
+            reserved_tokens=_WORDPIECE_RESERVED)
         return _wordpiece(list(vocab))
     if kind == "sentencepiece":
         try:

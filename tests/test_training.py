@@ -106,7 +106,7 @@ def test_resume_continues_from_the_checkpoint(tmp_path, text_file):
     metrics = train(Config(train_steps=12, **common), log=lines.append)
     assert any("resumed from step 8" in line for line in lines)
     assert metrics["step"] == 12
-    assert [h["step"] for h in metrics["history"]] == [12]
+    assert [h["step"] for h in metrics["history"]] == [4, 8, 12]  # history continues
 
     with pytest.raises(UserError, match="hidden_dim"):
         train(Config(train_steps=16, **{**common, "hidden_dim": 64}), log=_quiet)

@@ -40,6 +40,9 @@ from tfdp.tokenizers import load_tokenizer
 
 
 def _saved_config(model_dir: str) -> Config | None:
+    if os.path.exists(model_dir) and not os.path.isdir(model_dir):
+        raise UserError(f"--model_dir={model_dir} is a file, not a directory; "
+                        "choose a new directory")
     path = os.path.join(model_dir, "config.json")
     if not os.path.isfile(path):
         if os.path.isdir(model_dir) and os.listdir(model_dir):
@@ -53,29 +56,45 @@ def _saved_config(model_dir: str) -> Config | None:
         raise UserError(f"{path} is unreadable ({err}); use a new --model_dir") from None
 
 
-def _load_data(cfg: Config, model_dir: str, log) -> tuple[str, Split, Split]:
+def _load_data(cfg: Config, run_dir: str, log) -> tuple[str, Split, Split]:
     """Find or prepare token shards; return (data_dir, train, val) splits.
 
-    Text is prepared in a staging directory and moved into model_dir/data
+    Text is prepared in a staging directory and moved into run_dir/data
     only once both splits hold at least one window.
     """
     spec = os.path.expanduser(cfg.data)
-    for data_dir in (spec, os.path.join(model_dir, "data")):
+    for data_dir in (spec, os.path.join(run_dir, "data")):
         if is_prepared(data_dir):
             return data_dir, Split(data_dir, "train", cfg.seq_len), Split(data_dir, "val", cfg.seq_len)
     files = recipes.source_files(spec)
-    parent = os.path.dirname(model_dir)
+    parent = os.path.dirname(run_dir)
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".tfdp-data-", dir=parent)
     try:
         staged = os.path.join(staging, "data")
         prepare(files, staged, cfg.tokenizer, cfg.vocab_size, cfg.val_fraction, log=log)
         train, val = Split(staged, "train", cfg.seq_len), Split(staged, "val", cfg.seq_len)
-        os.makedirs(model_dir, exist_ok=True)
-        os.rename(staged, os.path.join(model_dir, "data"))
+        os.makedirs(run_dir, exist_ok=True)
+        os.rename(staged, os.path.join(run_dir, "data"))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return os.path.join(model_dir, "data"), train, val
+    return os.path.join(run_dir, "data"), train, val
+
+
+def _write_json(path: str, value) -> None:
+    """Write via a temporary name and rename: never a half-written file."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(value, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def _previous_history(model_dir: str, before_step: int) -> list[dict]:
+    """Validation history of earlier runs in model_dir, up to the resumed step."""
+    try:
+        with open(os.path.join(model_dir, "metrics.json")) as f:
+            return [h for h in json.load(f).get("history", []) if h["step"] <= before_step]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
 
 
 def train(cfg: Config, callbacks=(), log=print) -> dict:
@@ -86,36 +105,48 @@ def train(cfg: Config, callbacks=(), log=print) -> dict:
     if cfg.global_batch_size % replicas:
         raise UserError(f"--global_batch_size={cfg.global_batch_size} is not divisible by the "
                         f"{replicas} replicas; use a multiple of {replicas}")
-    chief = is_chief(strategy)
-    say = log if chief else (lambda *_: None)
     model_dir = os.path.abspath(os.path.expanduser(cfg.model_dir))
     saved = _saved_config(model_dir)
     if saved is not None:
         cfg.check_resumable(saved)
+    if is_chief(strategy):
+        return _train_in(cfg, strategy, model_dir, model_dir, callbacks, log)
+    # Other workers of a multi-worker job run the same program but write
+    # only to a private directory of their own, removed at the end.
+    scratch = tempfile.mkdtemp(prefix="tfdp-worker-")
+    try:
+        return _train_in(cfg, strategy, model_dir, scratch, callbacks, lambda *_: None)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _train_in(cfg: Config, strategy, model_dir: str, write_dir: str, callbacks, say) -> dict:
+    """Train, writing checkpoints, logs and outputs into `write_dir`."""
+    chief = write_dir == model_dir
+    replicas = strategy.num_replicas_in_sync
     say(f"model_dir: {model_dir}")
     say(f"strategy: {type(strategy).__name__} with {replicas} replica(s) "
         f"({', '.join(strategy.extended.worker_devices)})")
-    data_dir, train_split, val_split = _load_data(cfg, model_dir, say)
+    data_dir, train_split, val_split = _load_data(cfg, write_dir, say)
     manifest = load_manifest(data_dir)
     tokenizer = load_tokenizer(os.path.join(data_dir, "tokenizer"))
-    if chief:
-        os.makedirs(model_dir, exist_ok=True)
-        with open(os.path.join(model_dir, "config.json"), "w") as f:
-            f.write(cfg.to_json())
-        shutil.copytree(os.path.join(data_dir, "tokenizer"),
-                        os.path.join(model_dir, "tokenizer"), dirs_exist_ok=True)
+    os.makedirs(write_dir, exist_ok=True)
+    with open(os.path.join(write_dir, "config.json"), "w") as f:
+        f.write(cfg.to_json())
+    shutil.copytree(os.path.join(data_dir, "tokenizer"), os.path.join(write_dir, "tokenizer"),
+                    dirs_exist_ok=True)
 
     with strategy.scope():
         keras.utils.set_random_seed(cfg.seed)  # the same initial weights everywhere
         model = build_model(cfg, manifest["vocab_size"])
         optimizer = build_optimizer(cfg, model.trainable_variables)
     checkpoint = tf.train.Checkpoint(backbone=model.backbone, optimizer=optimizer)
-    manager = tf.train.CheckpointManager(checkpoint, os.path.join(model_dir, "checkpoints"),
+    manager = tf.train.CheckpointManager(checkpoint, os.path.join(write_dir, "checkpoints"),
                                          max_to_keep=cfg.keep_checkpoints)
-    if manager.latest_checkpoint:
-        checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-        say(f"resumed from step {int(optimizer.iterations.numpy())} "
-            f"({manager.latest_checkpoint})")
+    latest = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
+    if latest:
+        checkpoint.restore(latest).assert_existing_objects_matched()
+        say(f"resumed from step {int(optimizer.iterations.numpy())} ({latest})")
 
     num_params = count_params(model)
     fpt = flops_per_token(non_embedding_params(model), cfg.num_layers, cfg.num_heads,
@@ -129,10 +160,12 @@ def train(cfg: Config, callbacks=(), log=print) -> dict:
            ScalarSummaries(os.path.join(model_dir, "tensorboard"))] if chief else []
     trainer = Trainer(cfg, strategy, model, optimizer, train_split, val_split, manager,
                       own + list(callbacks), flops_per_token=fpt, peak_flops=peak)
+    history = _previous_history(model_dir, trainer.step)
     if trainer.step >= cfg.train_steps:
         say(f"already trained to step {trainer.step} of --train_steps={cfg.train_steps}; "
             "raise --train_steps to continue")
-        logs = {"train_loss": float("nan"), **trainer.evaluate()}
+        logs = {"train_loss": history[-1].get("train_loss") if history else None,
+                **trainer.evaluate()}
     else:
         logs = trainer.fit()
 
@@ -157,12 +190,10 @@ def train(cfg: Config, callbacks=(), log=print) -> dict:
         "num_parameters": num_params,
         "tokenizer": manifest["tokenizer"],
         "vocab_size": manifest["vocab_size"],
-        "history": trainer.history,
+        "history": history + trainer.history,
     }
-    if chief:
-        with open(os.path.join(model_dir, "metrics.json"), "w") as f:
-            json.dump(metrics, f, indent=2)
-        with open(os.path.join(model_dir, "sample.txt"), "w") as f:
-            f.write(sample)
-        say("sample:\n" + sample)
+    _write_json(os.path.join(write_dir, "metrics.json"), metrics)
+    with open(os.path.join(write_dir, "sample.txt"), "w") as f:
+        f.write(sample)
+    say("sample:\n" + sample)
     return metrics

@@ -127,6 +127,22 @@ class Config:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
 
+    @classmethod
+    def load(cls, model_dir: str) -> "Config | None":
+        """The config a run saved in `model_dir`, or None if there is none."""
+        path = os.path.join(model_dir, "config.json")
+        if not os.path.isfile(path):
+            return None
+        try:
+            with open(path) as f:
+                values = json.load(f)
+            if not isinstance(values, dict):
+                raise TypeError("not a JSON object")
+            return cls.from_dict(values)
+        except (ValueError, TypeError) as err:
+            raise UserError(f"{path} is unreadable ({err}); point --model_dir at an intact "
+                            "tfdp-train run or use a new one") from None
+
     def check_resumable(self, saved: "Config") -> None:
         """Refuse to continue a run whose model or data differ from this one."""
         diffs = [f"--{name}={getattr(saved, name)!r} (now {getattr(self, name)!r})"

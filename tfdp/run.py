@@ -43,17 +43,19 @@ def _saved_config(model_dir: str) -> Config | None:
     if os.path.exists(model_dir) and not os.path.isdir(model_dir):
         raise UserError(f"--model_dir={model_dir} is a file, not a directory; "
                         "choose a new directory")
-    path = os.path.join(model_dir, "config.json")
-    if not os.path.isfile(path):
-        if os.path.isdir(model_dir) and os.listdir(model_dir):
-            raise UserError(f"--model_dir={model_dir} is not empty and holds no tfdp run "
-                            "(no config.json); choose a new or empty directory")
-        return None
-    try:
-        with open(path) as f:
-            return Config.from_dict(json.load(f))
-    except (json.JSONDecodeError, TypeError) as err:
-        raise UserError(f"{path} is unreadable ({err}); use a new --model_dir") from None
+    saved = Config.load(model_dir)
+    if saved is None and os.path.isdir(model_dir) and os.listdir(model_dir):
+        raise UserError(f"--model_dir={model_dir} is not empty and holds no tfdp run "
+                        "(no config.json); choose a new or empty directory")
+    return saved
+
+
+def _first_missing(path: str) -> str | None:
+    """The outermost directory of `path` that does not exist yet, if any."""
+    missing = None
+    while path and not os.path.exists(path):
+        missing, path = path, os.path.dirname(path)
+    return missing
 
 
 def _load_data(cfg: Config, run_dir: str, log) -> tuple[str, Split, Split]:
@@ -68,6 +70,7 @@ def _load_data(cfg: Config, run_dir: str, log) -> tuple[str, Split, Split]:
             return data_dir, Split(data_dir, "train", cfg.seq_len), Split(data_dir, "val", cfg.seq_len)
     files = recipes.source_files(spec)
     parent = os.path.dirname(run_dir)
+    created = _first_missing(parent)  # removed again if preparing fails
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".tfdp-data-", dir=parent)
     try:
@@ -76,6 +79,10 @@ def _load_data(cfg: Config, run_dir: str, log) -> tuple[str, Split, Split]:
         train, val = Split(staged, "train", cfg.seq_len), Split(staged, "val", cfg.seq_len)
         os.makedirs(run_dir, exist_ok=True)
         os.rename(staged, os.path.join(run_dir, "data"))
+    except BaseException:
+        if created:
+            shutil.rmtree(created, ignore_errors=True)
+        raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return os.path.join(run_dir, "data"), train, val

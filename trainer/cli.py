@@ -41,11 +41,11 @@ def run(main) -> None:
 
     def wrapped(argv):
         logging.set_verbosity(logging.WARNING)  # tfdp prints its own progress
-        _quiet_tensorflow()
         try:
             if len(argv) > 1:
                 raise UserError(f"unexpected argument {argv[1]!r}; flags look like --name=value "
                                 f"(see {prog} --help)")
+            _quiet_tensorflow()
             main()
         except UserError as err:
             print(f"{prog}: error: {err}", file=sys.stderr)

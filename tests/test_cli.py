@@ -88,7 +88,7 @@ def test_train_writes_the_run_files(run):
     tokenizer = json.loads((m / "tokenizer" / "tokenizer.json").read_text())
     assert tokenizer["kind"] == "byte"
     assert (m / "sample.txt").is_file()
-    assert "sample:" in run.train.stdout
+    assert "--- generated continuation (" in run.train.stdout
     assert not (m / "data").exists()  # a prepared directory is used in place
 
 
@@ -150,5 +150,5 @@ def test_train_on_text_file_then_resume(tmp_path, text_file):
     assert "step 1/5" not in second.stdout
     metrics = json.loads((model_dir / "metrics.json").read_text())
     assert metrics["step"] == 5
-    assert [h["step"] for h in metrics["history"]] == [5]
+    assert [h["step"] for h in metrics["history"]] == [3, 5]  # history continues
     assert list((model_dir / "checkpoints").glob("ckpt-5.index"))

@@ -69,6 +69,7 @@ class Config:
     log_every: int = 50
     seed: int = 1234
     sample_tokens: int = 300
+    sample_prompt: str | None = None  # None: lines of held-out validation text
     # System.
     strategy: str = "auto"
     num_cpu_replicas: int = 2

@@ -1,8 +1,9 @@
 """Text generation with keras-hub's samplers and the model's KV cache.
 
 Contexts longer than the model's window slide: each round keeps the last
-half window of tokens and samples into the rest, so any length can be
-generated with one compiled shape [1, seq_len].
+three quarters of a window as context and samples the last quarter, so any
+length can be generated with one compiled shape [1, seq_len]. (Keeping only
+half a window made small models lose track in long runs of indentation.)
 """
 
 from __future__ import annotations
@@ -29,23 +30,24 @@ def make_sampler(name: str, temperature: float = 1.0, seed: int | None = None,
 
 
 def generate(model, tokenizer, prompt: str, max_new_tokens: int, sampler,
-             seq_len: int) -> str:
-    """Continue `prompt` by up to `max_new_tokens` tokens; stop at end-of-text.
+             seq_len: int, new_document: bool = True) -> str:
+    """Return up to `max_new_tokens` tokens continuing `prompt`; stop at end-of-text.
 
-    The prompt is preceded by EOT, the document separator the model was
-    trained with, so an empty prompt means "start a new document".
+    With `new_document` the prompt is preceded by EOT, the document separator
+    the model was trained with, so an empty prompt means "start a new file".
     """
     if max_new_tokens <= 0:
         raise UserError(f"--max_length={max_new_tokens} must be a positive number of tokens")
     model.sampler = sampler
     eot = tokenizer.eot_id
     step = tf.function(lambda inputs: model.generate_step(inputs, stop_token_ids=[eot]))
-    context = [eot] + tokenizer.encode([prompt.encode("utf-8")])[0].tolist()
+    context = tokenizer.encode([prompt.encode("utf-8")])[0].tolist()
+    if new_document or not context:  # sampling needs at least one token of context
+        context = [eot] + context
     new: list[int] = []
-    keep = max(seq_len // 2, 1)
+    keep = max(seq_len * 3 // 4, 1)
     while len(new) < max_new_tokens:
-        window = (context + new)[-keep:] if len(context + new) > keep else context + new
-        window = window[-(seq_len - 1):]
+        window = (context + new)[-keep:]
         pad = seq_len - len(window)
         token_ids = tf.constant([window + [0] * pad], tf.int32)
         mask = tf.constant([[True] * len(window) + [False] * pad])
@@ -59,4 +61,19 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int, sampler,
         new.extend(produced)
         if not produced:
             break
-    return prompt + tokenizer.decode(new[:max_new_tokens])
+    return tokenizer.decode(new[:max_new_tokens])
+
+
+def held_out_prompt(split, tokenizer, seed: int, max_chars: int) -> str:
+    """Whole lines from a seeded window of the validation split, at most
+    `max_chars` long: context the model never trained on, so a sample shows
+    how it continues real text rather than how it opens a new file."""
+    start = int(split.starts[seed % split.num_windows])
+    text = tokenizer.decode(split.tokens[start:start + split.seq_len + 1])
+    lines = text.split("\n")[1:-1]  # drop the partial first and last lines
+    prompt = ""
+    for line in lines:
+        if len(prompt) + len(line) + 1 > max_chars:
+            break
+        prompt += line + "\n"
+    return prompt

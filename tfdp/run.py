@@ -30,7 +30,7 @@ from tfdp.config import Config
 from tfdp.dataset import Split
 from tfdp.errors import UserError
 from tfdp.flops import flops_per_token, machine_peak_flops
-from tfdp.generate import generate, make_sampler
+from tfdp.generate import generate, held_out_prompt, make_sampler
 from tfdp.loop import Trainer
 from tfdp.model import build_model, count_params, non_embedding_params
 from tfdp.optimizer import build_optimizer
@@ -176,9 +176,7 @@ def _train_in(cfg: Config, strategy, model_dir: str, write_dir: str, callbacks, 
     else:
         logs = trainer.fit()
 
-    sample = generate(model, tokenizer, "", cfg.sample_tokens,
-                      make_sampler("top_k", temperature=0.8, seed=cfg.seed), cfg.seq_len) \
-        if cfg.sample_tokens else ""
+    sample = _sample(cfg, model, tokenizer, val_split) if cfg.sample_tokens else ""
     tps = getattr(trainer, "mean_tokens_per_second", 0.0)
     metrics = {
         "step": trainer.step,
@@ -202,5 +200,21 @@ def _train_in(cfg: Config, strategy, model_dir: str, write_dir: str, callbacks, 
     _write_json(os.path.join(write_dir, "metrics.json"), metrics)
     with open(os.path.join(write_dir, "sample.txt"), "w") as f:
         f.write(sample)
-    say("sample:\n" + sample)
+    say(sample)
     return metrics
+
+
+def _sample(cfg: Config, model, tokenizer, val_split: Split) -> str:
+    """The end-of-run sample: --sample_prompt continued, or (by default) a few
+    held-out validation lines continued; both parts are labelled."""
+    sampler = make_sampler("top_k", temperature=0.8, seed=cfg.seed)
+    if cfg.sample_prompt is not None:
+        prompt, origin, new_document = cfg.sample_prompt, "--sample_prompt", True
+    else:
+        prompt = held_out_prompt(val_split, tokenizer, cfg.seed, max_chars=cfg.seq_len // 2)
+        origin, new_document = "held-out validation text", False
+    text = generate(model, tokenizer, prompt, cfg.sample_tokens, sampler, cfg.seq_len,
+                    new_document=new_document)
+    return (f"--- sample prompt ({origin}) ---\n{prompt.rstrip(chr(10))}\n"
+            f"--- generated continuation ({cfg.sample_tokens} tokens max, top-k 40, "
+            f"temperature 0.8) ---\n{text}\n")

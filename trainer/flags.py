@@ -58,6 +58,9 @@ def define_train_flags() -> None:
     flags.DEFINE_integer("seed", _D.seed, "Seed for initial weights, data order and sampling.")
     flags.DEFINE_integer("sample_tokens", _D.sample_tokens,
                          "Tokens to generate as a sample at the end; 0 skips it.")
+    flags.DEFINE_string("sample_prompt", _D.sample_prompt,
+                        "Prompt for that sample; default: a few lines of held-out "
+                        "validation text, labelled as such.")
     flags.DEFINE_enum("strategy", _D.strategy, STRATEGIES,
                       "auto: multi-worker if TF_CONFIG names a cluster, else mirrored over all "
                       "GPUs, else over --num_cpu_replicas logical CPUs.")

@@ -21,7 +21,8 @@ def main() -> None:
 
     model, tokenizer, cfg = load_trained(FLAGS.model_dir)
     sampler = make_sampler(FLAGS.sampler, FLAGS.temperature, FLAGS.seed, FLAGS.top_k, FLAGS.top_p)
-    print(generate(model, tokenizer, FLAGS.prompt, FLAGS.max_length, sampler, cfg.seq_len))
+    print(FLAGS.prompt + generate(model, tokenizer, FLAGS.prompt, FLAGS.max_length, sampler,
+                                  cfg.seq_len))
 
 
 def run() -> None:

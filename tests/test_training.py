@@ -130,3 +130,45 @@ def test_default_corpus_run_lowers_validation_loss(tmp_path):
     assert saved["num_replicas"] == 2 and saved["num_parameters"] > 500_000
     assert saved["tokens_per_second"] > 0 and 0 < saved["mfu"] < 1
     assert (tmp_path / "run" / "sample.txt").read_text()
+
+
+def test_resume_refuses_data_with_another_tokenizer(tmp_path, text_file):
+    """Same --data path, re-prepared with another vocabulary: the token ids
+    mean something else, so the run must be refused before anything is
+    rewritten. The tiny char vocabulary (16 < top-k 40) also exercises the
+    sampler's cap at the vocabulary size."""
+    from tfdp.prepare import prepare
+    prepared = tmp_path / "prep"
+    prepare([text_file], str(prepared), "char", 16, 0.1, log=_quiet)
+    common = dict(data=str(prepared), model_dir=str(tmp_path / "run"), eval_every=4,
+                  checkpoint_every=4, tokenizer="char", **{**TINY, "sample_tokens": 10})
+    metrics = train(Config(train_steps=4, **common), log=_quiet)
+    assert metrics["vocab_size"] == 16
+    assert (tmp_path / "run" / "sample.txt").read_text()
+    config_before = (tmp_path / "run" / "config.json").read_text()
+
+    import shutil
+    shutil.rmtree(prepared)
+    prepare([text_file], str(prepared), "char", 20, 0.1, log=_quiet)
+    with pytest.raises(UserError, match="tokenizer of the --data given differs"):
+        train(Config(train_steps=8, **common), log=_quiet)
+    assert (tmp_path / "run" / "config.json").read_text() == config_before
+    assert json.loads((tmp_path / "run" / "tokenizer" / "tokenizer.json").read_text())[
+        "vocab_size"] == 16
+
+
+def test_a_foreign_manifest_is_not_prepared_data(tmp_path):
+    from tfdp.prepare import is_prepared, load_manifest
+    (tmp_path / "manifest.json").write_text('{"name": "my web app", "icons": []}')
+    assert not is_prepared(str(tmp_path))
+    with pytest.raises(UserError, match="not a directory written by tfdp-prepare"):
+        load_manifest(str(tmp_path))
+
+
+@pytest.mark.parametrize("kwargs, flag", [({"top_k": 0}, "--top_k=0"),
+                                          ({"top_p": 1.5}, "--top_p=1.5"),
+                                          ({"top_p": 0.0}, "--top_p=0.0")])
+def test_bad_sampler_numbers_are_user_errors(kwargs, flag):
+    from tfdp.generate import make_sampler
+    with pytest.raises(UserError, match=flag):
+        make_sampler("top_k", **kwargs)

@@ -16,12 +16,15 @@ from tfdp.errors import UserError
 
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker_mirrored")
 TOKENIZERS = ("byte", "char", "wordpiece", "sentencepiece")
+SAMPLERS = ("greedy", "top_k", "top_p")
 
-# Fields that fix the model's shape or the meaning of its tokens. A model_dir
-# written with other values cannot be resumed (see `check_resumable`).
-ARCHITECTURE_FIELDS = (
+# Fields that fix the model's shape, the meaning of its tokens, or the data
+# order (a pure function of seed, step and global batch). A model_dir written
+# with other values cannot be resumed (see `check_resumable`).
+RESUME_FIELDS = (
     "data", "tokenizer", "vocab_size", "val_fraction", "seq_len",
     "num_layers", "num_heads", "hidden_dim", "intermediate_dim",
+    "global_batch_size", "seed",
 )
 
 
@@ -147,7 +150,7 @@ class Config:
     def check_resumable(self, saved: "Config") -> None:
         """Refuse to continue a run whose model or data differ from this one."""
         diffs = [f"--{name}={getattr(saved, name)!r} (now {getattr(self, name)!r})"
-                 for name in ARCHITECTURE_FIELDS
+                 for name in RESUME_FIELDS
                  if getattr(saved, name) != getattr(self, name)]
         if diffs:
             raise UserError(f"--model_dir={self.model_dir} holds a run with "

@@ -2,7 +2,12 @@
 
 A window is `seq_len + 1` consecutive tokens (inputs and shifted targets);
 window i of a shard starts at token i * seq_len, so every token is a target
-exactly once per pass and no window crosses a shard (document set) boundary.
+at most once per pass and no window crosses a shard file (the last partial
+window of each 4M-token shard is skipped).
+
+All tokens of a split are held in memory and captured by the input
+pipeline: fine to a few hundred million tokens; larger corpora will want
+per-shard reading (a later change).
 
 Training order is a pure function of (seed, position): global position q
 lies in pass e = q // n and maps to window index_shuffle(q % n, [seed, e]).
@@ -36,7 +41,12 @@ class Split:
         info = manifest["splits"][split]
         arrays, starts, offset = [], [], 0
         for shard in info["shards"]:
-            ids = np.load(os.path.join(data_dir, shard["file"]))
+            path = os.path.join(data_dir, shard["file"])
+            try:
+                ids = np.load(path)
+            except (OSError, ValueError) as err:
+                raise UserError(f"cannot read shard {path} ({err}); re-run tfdp-prepare "
+                                "into a new directory") from None
             count = max(len(ids) - 1, 0) // seq_len
             starts.append(offset + np.arange(count, dtype=np.int64) * seq_len)
             arrays.append(ids)

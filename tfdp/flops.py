@@ -46,9 +46,15 @@ def measure_matmul_flops(device: str = "/cpu:0", size: int = 1024, dtype=tf.floa
 
 
 def machine_peak_flops(strategy: tf.distribute.Strategy) -> float:
-    """Peak FLOP/s of all devices this process trains on (see module doc)."""
+    """Peak FLOP/s of all devices the job trains on (see module doc).
+
+    Measured on this process's devices and scaled by the number of workers
+    (replicas in sync / local replicas), assuming identical workers, so
+    that it matches a tokens/s figure counted over the whole job.
+    """
     devices = strategy.extended.worker_devices
+    workers = strategy.num_replicas_in_sync / len(devices)
     gpus = [d for d in devices if "GPU" in d.upper()]
     if gpus:
-        return measure_matmul_flops(gpus[0], size=4096) * len(gpus)
-    return measure_matmul_flops(devices[0])
+        return measure_matmul_flops(gpus[0], size=4096) * len(gpus) * workers
+    return measure_matmul_flops(devices[0]) * workers

@@ -11,19 +11,24 @@ from __future__ import annotations
 import keras_hub
 import tensorflow as tf
 
+from tfdp.config import SAMPLERS
 from tfdp.errors import UserError
-
-SAMPLERS = ("greedy", "top_k", "top_p")
 
 
 def make_sampler(name: str, temperature: float = 1.0, seed: int | None = None,
-                 top_k: int = 40, top_p: float = 0.9):
+                 top_k: int = 40, top_p: float = 0.9, vocab_size: int | None = None):
+    """A keras-hub sampler; `top_k` is capped at the vocabulary size."""
     if temperature <= 0:
         raise UserError(f"--temperature={temperature} must be positive, e.g. 0.8")
+    if top_k < 1:
+        raise UserError(f"--top_k={top_k} must be at least 1, e.g. 40")
+    if not 0.0 < top_p <= 1.0:
+        raise UserError(f"--top_p={top_p} must be in (0, 1], e.g. 0.9")
     if name == "greedy":
         return keras_hub.samplers.GreedySampler()
     if name == "top_k":
-        return keras_hub.samplers.TopKSampler(k=top_k, seed=seed, temperature=temperature)
+        k = min(top_k, vocab_size) if vocab_size else top_k
+        return keras_hub.samplers.TopKSampler(k=k, seed=seed, temperature=temperature)
     if name == "top_p":
         return keras_hub.samplers.TopPSampler(p=top_p, seed=seed, temperature=temperature)
     raise UserError(f"--sampler={name!r} is unknown; use one of {', '.join(SAMPLERS)}")

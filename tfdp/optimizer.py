@@ -16,7 +16,8 @@ import keras
 
 
 class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
-    """Linear warmup to `peak`, then cosine decay to `floor` at `total_steps`."""
+    """Linear warmup to `peak`, then cosine decay towards `floor`, reached at
+    step `total_steps` (the last step trained, total_steps - 1, is just above it)."""
 
     def __init__(self, peak: float, floor: float, warmup_steps: int, total_steps: int):
         self.peak, self.floor = float(peak), float(floor)
@@ -41,6 +42,14 @@ class ReducedGradientAdamW(keras.optimizers.AdamW):
 
     def _all_reduce_sum_gradients(self, grads_and_vars):
         return list(grads_and_vars)
+
+
+# The override above only works while Keras' TF optimizer has that hook; if
+# a Keras release renames it, gradients would be summed twice silently.
+if not any("_all_reduce_sum_gradients" in vars(base)
+           for base in keras.optimizers.AdamW.__mro__):
+    raise ImportError(f"Keras {keras.__version__} has no optimizer hook "
+                      "_all_reduce_sum_gradients; install the Keras version setup.py names")
 
 
 def build_optimizer(cfg, variables) -> ReducedGradientAdamW:

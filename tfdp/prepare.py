@@ -153,14 +153,29 @@ def _is_utf8(data: bytes) -> bool:
     return True
 
 
+def _read_manifest(directory: str) -> dict | None:
+    """The manifest tfdp-prepare wrote in `directory`, or None if it has none.
+
+    A `manifest.json` of some other program (common in web projects) is not
+    ours: ours carries "format": 1 and "splits".
+    """
+    try:
+        with open(os.path.join(directory, MANIFEST)) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if isinstance(manifest, dict) and manifest.get("format") == 1 and "splits" in manifest:
+        return manifest
+    return None
+
+
 def load_manifest(directory: str) -> dict:
-    path = os.path.join(directory, MANIFEST)
-    if not os.path.isfile(path):
-        raise UserError(f"{directory} is not a prepared data directory (no {MANIFEST}); "
-                        "run tfdp-prepare on it first or pass text files")
-    with open(path) as f:
-        return json.load(f)
+    manifest = _read_manifest(directory)
+    if manifest is None:
+        raise UserError(f"{directory} is not a directory written by tfdp-prepare (no valid "
+                        f"{MANIFEST}); run tfdp-prepare on it first or pass text files")
+    return manifest
 
 
 def is_prepared(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, MANIFEST))
+    return _read_manifest(path) is not None

@@ -11,11 +11,14 @@ model_dir after a run:
     sample.txt       the text generated at the end
 
 Everything that can fail on a user's input (flags, strategy, data, an
-incompatible model_dir) is checked before model_dir is first written.
+incompatible model_dir or tokenizer, a checkpoint that does not fit) is
+checked before config.json and tokenizer/ are written; outputs are written
+through a temporary name and renamed.
 """
 
 from __future__ import annotations
 
+import filecmp
 import json
 import os
 import shutil
@@ -88,20 +91,35 @@ def _load_data(cfg: Config, run_dir: str, log) -> tuple[str, Split, Split]:
     return os.path.join(run_dir, "data"), train, val
 
 
-def _write_json(path: str, value) -> None:
+def _write_text(path: str, text: str) -> None:
     """Write via a temporary name and rename: never a half-written file."""
     with open(path + ".tmp", "w") as f:
-        json.dump(value, f, indent=2)
+        f.write(text)
     os.replace(path + ".tmp", path)
 
 
-def _previous_history(model_dir: str, before_step: int) -> list[dict]:
-    """Validation history of earlier runs in model_dir, up to the resumed step."""
+def _read_json(path: str) -> dict:
+    """A JSON object from `path`, or {} when it is missing or unreadable."""
     try:
-        with open(os.path.join(model_dir, "metrics.json")) as f:
-            return [h for h in json.load(f).get("history", []) if h["step"] <= before_step]
-    except (OSError, ValueError, KeyError, TypeError):
-        return []
+        with open(path) as f:
+            value = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _check_same_tokenizer(data_tokenizer: str, run_tokenizer: str) -> None:
+    """Refuse to resume on data whose token ids mean something else."""
+    if not os.path.isdir(run_tokenizer):
+        return
+    names = sorted(os.listdir(data_tokenizer))
+    same = names == sorted(os.listdir(run_tokenizer)) and all(
+        filecmp.cmp(os.path.join(data_tokenizer, n), os.path.join(run_tokenizer, n),
+                    shallow=False) for n in names)
+    if not same:
+        raise UserError(f"the tokenizer of the --data given differs from the one this "
+                        f"--model_dir was trained with ({run_tokenizer}); use a new "
+                        "--model_dir or the original data")
 
 
 def train(cfg: Config, callbacks=(), log=print) -> dict:
@@ -137,11 +155,7 @@ def _train_in(cfg: Config, strategy, model_dir: str, write_dir: str, callbacks, 
     data_dir, train_split, val_split = _load_data(cfg, write_dir, say)
     manifest = load_manifest(data_dir)
     tokenizer = load_tokenizer(os.path.join(data_dir, "tokenizer"))
-    os.makedirs(write_dir, exist_ok=True)
-    with open(os.path.join(write_dir, "config.json"), "w") as f:
-        f.write(cfg.to_json())
-    shutil.copytree(os.path.join(data_dir, "tokenizer"), os.path.join(write_dir, "tokenizer"),
-                    dirs_exist_ok=True)
+    _check_same_tokenizer(os.path.join(data_dir, "tokenizer"), os.path.join(model_dir, "tokenizer"))
 
     with strategy.scope():
         keras.utils.set_random_seed(cfg.seed)  # the same initial weights everywhere
@@ -154,6 +168,11 @@ def _train_in(cfg: Config, strategy, model_dir: str, write_dir: str, callbacks, 
     if latest:
         checkpoint.restore(latest).assert_existing_objects_matched()
         say(f"resumed from step {int(optimizer.iterations.numpy())} ({latest})")
+    # Only now, with data, model and checkpoint known to fit, is the run recorded.
+    os.makedirs(write_dir, exist_ok=True)
+    _write_text(os.path.join(write_dir, "config.json"), cfg.to_json())
+    shutil.copytree(os.path.join(data_dir, "tokenizer"), os.path.join(write_dir, "tokenizer"),
+                    dirs_exist_ok=True)
 
     num_params = count_params(model)
     fpt = flops_per_token(non_embedding_params(model), cfg.num_layers, cfg.num_heads,
@@ -167,7 +186,8 @@ def _train_in(cfg: Config, strategy, model_dir: str, write_dir: str, callbacks, 
            ScalarSummaries(os.path.join(model_dir, "tensorboard"))] if chief else []
     trainer = Trainer(cfg, strategy, model, optimizer, train_split, val_split, manager,
                       own + list(callbacks), flops_per_token=fpt, peak_flops=peak)
-    history = _previous_history(model_dir, trainer.step)
+    previous = _read_json(os.path.join(model_dir, "metrics.json"))
+    history = [h for h in previous.get("history", []) if h.get("step", 0) <= trainer.step]
     if trainer.step >= cfg.train_steps:
         say(f"already trained to step {trainer.step} of --train_steps={cfg.train_steps}; "
             "raise --train_steps to continue")
@@ -177,7 +197,8 @@ def _train_in(cfg: Config, strategy, model_dir: str, write_dir: str, callbacks, 
         logs = trainer.fit()
 
     sample = _sample(cfg, model, tokenizer, val_split) if cfg.sample_tokens else ""
-    tps = getattr(trainer, "mean_tokens_per_second", 0.0)
+    # A run that had nothing left to train keeps the throughput it measured.
+    tps = getattr(trainer, "mean_tokens_per_second", previous.get("tokens_per_second", 0.0))
     metrics = {
         "step": trainer.step,
         "train_loss": logs.get("train_loss"),
@@ -197,9 +218,8 @@ def _train_in(cfg: Config, strategy, model_dir: str, write_dir: str, callbacks, 
         "vocab_size": manifest["vocab_size"],
         "history": history + trainer.history,
     }
-    _write_json(os.path.join(write_dir, "metrics.json"), metrics)
-    with open(os.path.join(write_dir, "sample.txt"), "w") as f:
-        f.write(sample)
+    _write_text(os.path.join(write_dir, "metrics.json"), json.dumps(metrics, indent=2))
+    _write_text(os.path.join(write_dir, "sample.txt"), sample)
     say(sample)
     return metrics
 
@@ -207,7 +227,8 @@ def _train_in(cfg: Config, strategy, model_dir: str, write_dir: str, callbacks, 
 def _sample(cfg: Config, model, tokenizer, val_split: Split) -> str:
     """The end-of-run sample: --sample_prompt continued, or (by default) a few
     held-out validation lines continued; both parts are labelled."""
-    sampler = make_sampler("top_k", temperature=0.8, seed=cfg.seed)
+    sampler = make_sampler("top_k", temperature=0.8, seed=cfg.seed,
+                           vocab_size=tokenizer.vocab_size)
     if cfg.sample_prompt is not None:
         prompt, origin, new_document = cfg.sample_prompt, "--sample_prompt", True
     else:

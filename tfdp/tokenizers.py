@@ -204,7 +204,7 @@ def load_tokenizer(directory: str):
         return CharTokenizer(meta["chars"])
     if kind == "wordpiece":
         with open(os.path.join(directory, "vocab.txt"), encoding="utf-8") as f:
-            return _wordpiece(f.read().splitlines())
+            return _wordpiece(f.read().split("\n")[:-1])  # not splitlines(): U+2028 is a token
     if kind == "sentencepiece":
         with open(os.path.join(directory, "spm.model"), "rb") as f:
             return _sentencepiece(f.read())

@@ -50,6 +50,11 @@ def run(main) -> None:
         except UserError as err:
             print(f"{prog}: error: {err}", file=sys.stderr)
             sys.exit(EXIT_USER_ERROR)
+        except OSError as err:  # unwritable model_dir, full disk, ...
+            where = f": {err.filename}" if err.filename else ""
+            print(f"{prog}: error: {err.strerror or err}{where}; check the path, its "
+                  "permissions and free space", file=sys.stderr)
+            sys.exit(EXIT_USER_ERROR)
         except KeyboardInterrupt:
             print(f"{prog}: interrupted", file=sys.stderr)
             sys.exit(130)

@@ -15,8 +15,8 @@ _D = Config()
 def define_data_flags() -> None:
     """Flags that say how text becomes tokens (tfdp-prepare and tfdp-train)."""
     flags.DEFINE_enum("tokenizer", _D.tokenizer, TOKENIZERS,
-                      "Tokenizer to train on the text (ignored for a prepared directory, "
-                      "which brings its own).")
+                      "Tokenizer to train on the text. A prepared --data directory brings "
+                      "its own, which is used whatever this says.")
     flags.DEFINE_integer("vocab_size", _D.vocab_size,
                          "Vocabulary size; default: byte 257, char 256, wordpiece and "
                          "sentencepiece 8192.")

@@ -57,7 +57,7 @@ class Config:
     dropout: float = 0.0
     # Optimisation: AdamW, linear warmup then cosine decay.
     global_batch_size: int = 32
-    train_steps: int = 1200
+    train_steps: int = 1000
     learning_rate: float = 3e-3
     min_learning_rate: float = 3e-4
     warmup_steps: int = 100
@@ -65,9 +65,9 @@ class Config:
     beta2: float = 0.99
     clip_norm: float = 1.0
     # Loop: validation, checkpoints, logging.
-    eval_every: int = 300
+    eval_every: int = 250
     eval_steps: int = 0  # 0: the whole validation split
-    checkpoint_every: int = 300
+    checkpoint_every: int = 250
     keep_checkpoints: int = 3
     log_every: int = 50
     seed: int = 1234

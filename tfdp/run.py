@@ -234,7 +234,12 @@ def _sample(cfg: Config, model, tokenizer, val_split: Split) -> str:
     else:
         prompt = held_out_prompt(val_split, tokenizer, cfg.seed, max_chars=cfg.seq_len // 2)
         origin, new_document = "held-out validation text", False
-    text = generate(model, tokenizer, prompt, cfg.sample_tokens, sampler, cfg.seq_len,
+    # Sample from a plain copy of the weights, outside the strategy: traced
+    # under MirroredStrategy the cached-generation loop becomes a
+    # multi-device function that grappler took 90 s to optimise here.
+    plain = build_model(cfg, tokenizer.vocab_size)
+    plain.set_weights(model.get_weights())
+    text = generate(plain, tokenizer, prompt, cfg.sample_tokens, sampler, cfg.seq_len,
                     new_document=new_document)
     return (f"--- sample prompt ({origin}) ---\n{prompt.rstrip(chr(10))}\n"
             f"--- generated continuation ({cfg.sample_tokens} tokens max, top-k 40, "

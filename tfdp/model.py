@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import keras
 import keras_hub
+import tensorflow as tf
 
 
 def build_model(cfg, vocab_size: int) -> keras_hub.models.GPT2CausalLM:
@@ -28,7 +29,6 @@ def build_model(cfg, vocab_size: int) -> keras_hub.models.GPT2CausalLM:
 
 def logits(model: keras.Model, token_ids, training: bool = False):
     """Next-token logits [batch, time, vocab] for packed (unpadded) windows."""
-    import tensorflow as tf
     mask = tf.ones_like(token_ids, dtype=tf.bool)
     return model({"token_ids": token_ids, "padding_mask": mask}, training=training)
 

@@ -17,6 +17,7 @@ import os
 
 import tensorflow as tf
 
+from tfdp.config import STRATEGIES
 from tfdp.errors import UserError
 
 
@@ -112,8 +113,7 @@ def build_strategy(name: str, num_cpu_replicas: int = 2) -> tf.distribute.Strate
         devices = ([f"/gpu:{i}" for i in range(len(gpus))] if gpus
                    else split_cpu(num_cpu_replicas))
         return _cached((name, *devices), lambda: tf.distribute.MirroredStrategy(devices))
-    raise UserError(f"--strategy={name!r} is unknown; use auto, one_device, mirrored "
-                    "or multi_worker_mirrored")
+    raise UserError(f"--strategy={name!r} is unknown; use one of {', '.join(STRATEGIES)}")
 
 
 def is_chief(strategy: tf.distribute.Strategy) -> bool:

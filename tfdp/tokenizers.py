@@ -18,7 +18,9 @@ import json
 import os
 from collections import Counter
 
+import keras_hub
 import numpy as np
+import tensorflow as tf
 
 from tfdp.errors import UserError
 
@@ -101,7 +103,6 @@ class KerasHubTokenizer:
         self._assets = assets
 
     def encode(self, docs: list[bytes]) -> list[np.ndarray]:
-        import tensorflow as tf
         out = []
         texts = _texts(docs)
         for start in range(0, len(texts), 64):  # batches keep memory bounded
@@ -130,14 +131,12 @@ _WORDPIECE_RESERVED = ["[PAD]", "[UNK]", "[EOT]"]
 
 
 def _wordpiece(vocab: list[str]) -> KerasHubTokenizer:
-    import keras_hub
     layer = keras_hub.tokenizers.WordPieceTokenizer(vocabulary=vocab, oov_token="[UNK]")
     assets = {"vocab.txt": ("\n".join(vocab) + "\n").encode("utf-8")}
     return KerasHubTokenizer("wordpiece", layer, vocab.index("[EOT]"), assets)
 
 
 def _sentencepiece(proto: bytes) -> KerasHubTokenizer:
-    import keras_hub
     layer = keras_hub.tokenizers.SentencePieceTokenizer(proto=proto)
     return KerasHubTokenizer("sentencepiece", layer, int(layer.token_to_id("</s>")),
                              {"spm.model": proto})
@@ -146,7 +145,6 @@ def _sentencepiece(proto: bytes) -> KerasHubTokenizer:
 def _lines(docs: list[bytes]):
     """Training sentences for the keras-hub trainers: non-empty lines, one per
     element (the SentencePiece trainer rejects batches; WordPiece batches them)."""
-    import tensorflow as tf
     lines = [line for text in _texts(docs) for line in text.splitlines() if line.strip()]
     if not lines:
         raise UserError("the corpus has no non-blank lines to train a tokenizer on; "
@@ -156,6 +154,9 @@ def _lines(docs: list[bytes]):
 
 def train_tokenizer(kind: str, docs: list[bytes], vocab_size: int | None = None):
     """Train (or, for byte, just create) the tokenizer named `kind` on `docs`."""
+    if kind not in DEFAULT_VOCAB_SIZE:
+        raise UserError(f"--tokenizer={kind!r} is unknown; use one of "
+                        f"{', '.join(DEFAULT_VOCAB_SIZE)}")
     size = vocab_size or DEFAULT_VOCAB_SIZE[kind]
     if kind == "byte":
         if size != ByteTokenizer.vocab_size:
@@ -166,22 +167,18 @@ def train_tokenizer(kind: str, docs: list[bytes], vocab_size: int | None = None)
         raise UserError(f"--vocab_size={size} is too small for --tokenizer={kind}; use >= 8")
     if kind == "char":
         return CharTokenizer.train(docs, size)
-    import keras_hub
     if kind == "wordpiece":
         vocab = keras_hub.tokenizers.compute_word_piece_vocabulary(
             _lines(docs).batch(1024), vocabulary_size=size,
             reserved_tokens=_WORDPIECE_RESERVED)
         return _wordpiece(list(vocab))
-    if kind == "sentencepiece":
-        try:
-            proto = keras_hub.tokenizers.compute_sentence_piece_proto(
-                _lines(docs), vocabulary_size=size)
-        except RuntimeError as err:  # e.g. vocabulary larger than the text allows
-            raise UserError(f"SentencePiece training failed ({str(err).splitlines()[-1]}); "
-                            "lower --vocab_size or give more text") from None
-        return _sentencepiece(proto)
-    raise UserError(f"--tokenizer={kind!r} is unknown; use one of "
-                    f"{', '.join(DEFAULT_VOCAB_SIZE)}")
+    try:  # sentencepiece
+        proto = keras_hub.tokenizers.compute_sentence_piece_proto(
+            _lines(docs), vocabulary_size=size)
+    except RuntimeError as err:  # e.g. vocabulary larger than the text allows
+        raise UserError(f"SentencePiece training failed ({str(err).splitlines()[-1]}); "
+                        "lower --vocab_size or give more text") from None
+    return _sentencepiece(proto)
 
 
 def _write_meta(directory: str, kind: str, vocab_size: int, **extra) -> None:

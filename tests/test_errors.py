@@ -21,7 +21,7 @@ from conftest import run_cli, tiny_text
 from tfdp.config import Config
 from tfdp.errors import UserError
 from tfdp.prepare import prepare
-from tfdp.strategy import parse_tf_config
+from tfdp.cluster import parse_tf_config
 
 TINY_MODEL = ["--num_layers=1", "--num_heads=2", "--hidden_dim=32", "--intermediate_dim=64",
               "--seq_len=32", "--global_batch_size=8"]

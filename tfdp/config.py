@@ -77,6 +77,10 @@ class Config:
     strategy: str = "auto"
     num_cpu_replicas: int = 2
     jit_compile: bool = True
+    # Multi-worker: how long a dead, frozen or missing worker may hold up the
+    # others (tfdp/cluster.py), and the first port of each SLURM node's tasks.
+    collective_timeout: float = 600.0
+    slurm_port_base: int = 8888
     model_dir: str = dataclasses.field(default_factory=default_model_dir)
 
     def validate(self) -> "Config":
@@ -118,6 +122,12 @@ class Config:
         if self.hidden_dim % self.num_heads:
             raise UserError(f"--hidden_dim={self.hidden_dim} is not divisible by "
                             f"--num_heads={self.num_heads}; pick values that divide")
+        if self.collective_timeout <= 0:
+            raise UserError(f"--collective_timeout={self.collective_timeout} must be a positive "
+                            "number of seconds, e.g. 600")
+        if not 1024 <= self.slurm_port_base <= 65000:
+            raise UserError(f"--slurm_port_base={self.slurm_port_base} must be a port between "
+                            "1024 and 65000")
         if not self.model_dir:
             raise UserError("--model_dir is empty; give a directory for checkpoints and logs")
         return self

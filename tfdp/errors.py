@@ -11,3 +11,13 @@ class UserError(Exception):
 
     The message names the problem and the fix in one line.
     """
+
+
+class ClusterError(UserError):
+    """A peer worker died, froze or never joined; the job must be relaunched.
+
+    Printed like a UserError, with its own exit code so launchers and
+    schedulers can tell it from a bad flag.
+    """
+
+    exit_code = 3

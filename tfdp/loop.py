@@ -16,6 +16,7 @@ import time
 import keras
 import tensorflow as tf
 
+from tfdp import cluster
 from tfdp.errors import UserError
 from tfdp.dataset import Split, eval_dataset_fn, eval_steps_for, train_dataset_fn
 from tfdp.step import make_eval_step, make_train_step
@@ -52,11 +53,13 @@ class Trainer:
             eval_dataset_fn(self.val, self.cfg.global_batch_size, self.eval_steps))
         self.callbacks.on_test_begin()
         total, count = 0.0, 0.0
-        for i, batch in enumerate(dataset):
-            self.callbacks.on_test_batch_begin(i)
-            loss_sum, n = self.eval_step(batch)
-            total, count = total + float(loss_sum), count + float(n)
-            self.callbacks.on_test_batch_end(i, {"loss": total / max(count, 1.0)})
+        with cluster.watching():
+            for i, batch in enumerate(dataset):
+                self.callbacks.on_test_batch_begin(i)
+                loss_sum, n = self.eval_step(batch)
+                total, count = total + float(loss_sum), count + float(n)
+                cluster.beat()
+                self.callbacks.on_test_batch_end(i, {"loss": total / max(count, 1.0)})
         loss = total / max(count, 1.0)
         logs = {"val_loss": loss, "val_perplexity": math.exp(min(loss, 700.0)),
                 "val_bits_per_byte": loss * self.tokens_per_byte / math.log(2.0)}
@@ -84,8 +87,9 @@ class Trainer:
             self.callbacks.on_train_batch_begin(step)
             learning_rate = float(self.optimizer.learning_rate.numpy())
             began = time.perf_counter()
-            out = self.train_step(iterator)
-            loss = float(out["loss"])  # also waits for the step to finish
+            with cluster.watching():  # a lost peer cannot hold this step forever
+                out = self.train_step(iterator)
+                loss = float(out["loss"])  # also waits for the step to finish
             seconds = time.perf_counter() - began
             if step > start:  # the first step includes tracing and compilation
                 recent.append(seconds)

@@ -28,6 +28,7 @@ import keras
 import tensorflow as tf
 
 import data as recipes
+from tfdp import cluster
 from tfdp.callbacks import ProgressLogger, ScalarSummaries
 from tfdp.config import Config
 from tfdp.dataset import Split
@@ -40,6 +41,8 @@ from tfdp.optimizer import build_optimizer
 from tfdp.prepare import is_prepared, load_manifest, prepare
 from tfdp.strategy import build_strategy, is_chief
 from tfdp.tokenizers import load_tokenizer
+
+SUM = tf.distribute.ReduceOp.SUM
 
 
 def _saved_config(model_dir: str) -> Config | None:
@@ -122,27 +125,57 @@ def _check_same_tokenizer(data_tokenizer: str, run_tokenizer: str) -> None:
                         "--model_dir or the original data")
 
 
+def _check_same_step(strategy, iterations) -> None:
+    """Every worker must resume from the same step, which needs a model_dir
+    that all of them read (a shared file system); refuse when they differ.
+
+    Steps x_i of n replicas are all equal iff n * sum(x_i^2) == (sum x_i)^2.
+    """
+    if cluster.num_tasks(getattr(strategy, "cluster_resolver", None)) <= 1:
+        return
+
+    def moments():
+        step = tf.cast(iterations, tf.float64)
+        return tf.distribute.get_replica_context().all_reduce(SUM, [step, step * step])
+    total, squares = (strategy.experimental_local_results(v)[0]
+                      for v in tf.function(lambda: strategy.run(moments))())
+    n = strategy.num_replicas_in_sync
+    if float(total) ** 2 != n * float(squares):
+        raise UserError(f"the workers found different checkpoints in --model_dir (this one: "
+                        f"step {int(iterations.numpy())}); model_dir must be on a file system "
+                        "that every worker reads (NFS, a cloud bucket, ...)")
+
+
 def train(cfg: Config, callbacks=(), log=print) -> dict:
     """Run (or resume) training as configured; return the final metrics."""
     cfg = cfg.validate()
-    strategy = build_strategy(cfg.strategy, cfg.num_cpu_replicas)
+    strategy = build_strategy(cfg.strategy, cfg.num_cpu_replicas,
+                              collective_timeout=cfg.collective_timeout,
+                              slurm_port_base=cfg.slurm_port_base)
     replicas = strategy.num_replicas_in_sync
     if cfg.global_batch_size % replicas:
         raise UserError(f"--global_batch_size={cfg.global_batch_size} is not divisible by the "
                         f"{replicas} replicas; use a multiple of {replicas}")
     model_dir = os.path.abspath(os.path.expanduser(cfg.model_dir))
-    saved = _saved_config(model_dir)
-    if saved is not None:
-        cfg.check_resumable(saved)
-    if is_chief(strategy):
-        return _train_in(cfg, strategy, model_dir, model_dir, callbacks, log)
-    # Other workers of a multi-worker job run the same program but write
-    # only to a private directory of their own, removed at the end.
-    scratch = tempfile.mkdtemp(prefix="tfdp-worker-")
+    if is_chief(strategy):  # other workers would race with the chief's own writes
+        saved = _saved_config(model_dir)
+        if saved is not None:
+            cfg.check_resumable(saved)
     try:
-        return _train_in(cfg, strategy, model_dir, scratch, callbacks, lambda *_: None)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        if is_chief(strategy):
+            return _train_in(cfg, strategy, model_dir, model_dir, callbacks, log)
+        # Other workers of a multi-worker job run the same program but write
+        # only to a private directory of their own, removed at the end.
+        scratch = tempfile.mkdtemp(prefix="tfdp-worker-")
+        try:
+            return _train_in(cfg, strategy, model_dir, scratch, callbacks, lambda *_: None)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    except tf.errors.OpError as err:
+        lost = cluster.peer_failure(err)  # a dead or stuck peer: one line, not a traceback
+        if lost is None:
+            raise
+        raise lost from None
 
 
 def _train_in(cfg: Config, strategy, model_dir: str, write_dir: str, callbacks, say) -> dict:
@@ -155,7 +188,9 @@ def _train_in(cfg: Config, strategy, model_dir: str, write_dir: str, callbacks, 
     data_dir, train_split, val_split = _load_data(cfg, write_dir, say)
     manifest = load_manifest(data_dir)
     tokenizer = load_tokenizer(os.path.join(data_dir, "tokenizer"))
-    _check_same_tokenizer(os.path.join(data_dir, "tokenizer"), os.path.join(model_dir, "tokenizer"))
+    if chief:
+        _check_same_tokenizer(os.path.join(data_dir, "tokenizer"),
+                              os.path.join(model_dir, "tokenizer"))
 
     with strategy.scope():
         keras.utils.set_random_seed(cfg.seed)  # the same initial weights everywhere
@@ -168,6 +203,7 @@ def _train_in(cfg: Config, strategy, model_dir: str, write_dir: str, callbacks, 
     if latest:
         checkpoint.restore(latest).assert_existing_objects_matched()
         say(f"resumed from step {int(optimizer.iterations.numpy())} ({latest})")
+    _check_same_step(strategy, optimizer.iterations)
     # Only now, with data, model and checkpoint known to fit, is the run recorded.
     os.makedirs(write_dir, exist_ok=True)
     _write_text(os.path.join(write_dir, "config.json"), cfg.to_json())

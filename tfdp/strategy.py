@@ -1,22 +1,21 @@
 """Strategy factory: one string in, one tf.distribute.Strategy out.
 
-auto           MultiWorkerMirrored when TF_CONFIG names more than one task,
-               else Mirrored over all GPUs, else Mirrored over the CPU split
-               into `num_cpu_replicas` logical devices.
+auto           MultiWorkerMirrored when TF_CONFIG or a SLURM step names more
+               than one task, else Mirrored over all GPUs, else Mirrored over
+               the CPU split into `num_cpu_replicas` logical devices.
 one_device     a single replica on the first GPU or the CPU.
 mirrored       synchronous replicas on this machine (GPUs or logical CPUs).
 multi_worker_mirrored
-               TensorFlow's collective ops across processes (gRPC/NCCL),
-               cluster read from TF_CONFIG.
+               TensorFlow's collective ops across processes (gRPC between
+               hosts, NCCL between GPUs), cluster from TF_CONFIG or SLURM
+               (tfdp/cluster.py), every local GPU (or the CPU) one replica.
 """
 
 from __future__ import annotations
 
-import json
-import os
-
 import tensorflow as tf
 
+from tfdp import cluster
 from tfdp.config import STRATEGIES
 from tfdp.errors import UserError
 
@@ -41,46 +40,6 @@ def split_cpu(num_replicas: int) -> list[str]:
     return [d.name for d in logical[:num_replicas]]
 
 
-def parse_tf_config(raw: str | None = None) -> dict | None:
-    """Validate TF_CONFIG and return it, or None when unset.
-
-    Checks what a typo usually breaks: JSON syntax, a cluster with a worker
-    list, and a task whose index lies inside its job.
-    """
-    raw = os.environ.get("TF_CONFIG", "") if raw is None else raw
-    if not raw.strip():
-        return None
-    try:
-        config = json.loads(raw)
-    except json.JSONDecodeError as err:
-        raise UserError(f"TF_CONFIG is not valid JSON ({err.msg} at character {err.pos}); "
-                        "fix or unset the TF_CONFIG environment variable") from None
-    cluster = config.get("cluster") if isinstance(config, dict) else None
-    if not isinstance(cluster, dict) or not cluster.get("worker") and not cluster.get("chief"):
-        raise UserError('TF_CONFIG has no "cluster" with a "worker" list; '
-                        'set e.g. {"cluster": {"worker": ["host:port", ...]}, '
-                        '"task": {"type": "worker", "index": 0}}')
-    task = config.get("task")
-    if not isinstance(task, dict) or "type" not in task or "index" not in task:
-        raise UserError('TF_CONFIG has no "task" with "type" and "index"; '
-                        'add e.g. "task": {"type": "worker", "index": 0}')
-    job = cluster.get(task["type"])
-    if not isinstance(job, list):
-        raise UserError(f'TF_CONFIG task type "{task["type"]}" is not a job in the cluster '
-                        f"({', '.join(cluster)}); use one of those")
-    index = task["index"]
-    if not isinstance(index, int) or not 0 <= index < len(job):
-        raise UserError(f'TF_CONFIG task index {index!r} is outside the "{task["type"]}" '
-                        f"list of {len(job)}; use an index from 0 to {len(job) - 1}")
-    return config
-
-
-def _cluster_size(config: dict | None) -> int:
-    if config is None:
-        return 1
-    return sum(len(v) for k, v in config["cluster"].items() if k in ("chief", "worker"))
-
-
 # Strategies built in this process, by kind and devices. Reusing one matters:
 # two MirroredStrategy objects over the same devices restart their collective
 # instance keys, so a second model trained in the same process (a notebook,
@@ -95,16 +54,22 @@ def _cached(key: tuple, make) -> tf.distribute.Strategy:
     return _BUILT[key]
 
 
-def build_strategy(name: str, num_cpu_replicas: int = 2) -> tf.distribute.Strategy:
+def build_strategy(name: str, num_cpu_replicas: int = 2, *, collective_timeout: float = 600.0,
+                   slurm_port_base: int = 8888) -> tf.distribute.Strategy:
     """Return the strategy named by `--strategy` (see the module docstring)."""
-    tf_config = parse_tf_config()
+    resolver = cluster.cluster_resolver(slurm_port_base)
     if name == "auto":
-        name = "multi_worker_mirrored" if _cluster_size(tf_config) > 1 else "mirrored"
+        name = "multi_worker_mirrored" if cluster.num_tasks(resolver) > 1 else "mirrored"
     if name == "multi_worker_mirrored":
-        if tf_config is None:
-            raise UserError("--strategy=multi_worker_mirrored needs TF_CONFIG describing the "
-                            "cluster; set it, or use --strategy=mirrored on one machine")
-        return _cached((name,), tf.distribute.MultiWorkerMirroredStrategy)
+        if resolver is None:
+            raise UserError("--strategy=multi_worker_mirrored needs a cluster: set TF_CONFIG, "
+                            "run under srun, or start it with tfdp-launch; on one machine "
+                            "use --strategy=mirrored")
+        return _cached((name,), lambda: _multi_worker(resolver, collective_timeout))
+    if cluster.num_tasks(resolver) > 1:
+        raise UserError(f"this process is one of {cluster.num_tasks(resolver)} tasks of a "
+                        f"cluster (TF_CONFIG or SLURM), but --strategy={name} trains alone; use "
+                        "--strategy=auto or multi_worker_mirrored, or unset TF_CONFIG")
     gpus = tf.config.list_physical_devices("GPU")
     if name == "one_device":
         device = "/gpu:0" if gpus else "/cpu:0"
@@ -114,6 +79,16 @@ def build_strategy(name: str, num_cpu_replicas: int = 2) -> tf.distribute.Strate
                    else split_cpu(num_cpu_replicas))
         return _cached((name, *devices), lambda: tf.distribute.MirroredStrategy(devices))
     raise UserError(f"--strategy={name!r} is unknown; use one of {', '.join(STRATEGIES)}")
+
+
+def _multi_worker(resolver, timeout: float) -> tf.distribute.Strategy:
+    """MultiWorkerMirroredStrategy that cannot wait forever for its peers."""
+    cluster.check_own_port(resolver)
+    cluster.configure_coordination(resolver, timeout)
+    watchdog = cluster.start_watchdog(resolver, timeout)  # bounds the join below
+    strategy = tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
+    watchdog.joined_cluster()
+    return strategy
 
 
 def is_chief(strategy: tf.distribute.Strategy) -> bool:

@@ -35,13 +35,19 @@ def _quiet_tensorflow() -> None:
         os.close(devnull)
 
 
-def run(main) -> None:
-    """Parse flags and call `main()`; print UserError as `prog: error: ...`."""
+def run(main, takes_args: bool = False) -> None:
+    """Parse flags and call `main()`; print UserError as `prog: error: ...`.
+
+    With `takes_args`, `main(argv)` gets the words after the flags (after
+    `--`) and returns the exit code, and TensorFlow is not imported here.
+    """
     prog = os.path.basename(sys.argv[0])
 
     def wrapped(argv):
         logging.set_verbosity(logging.WARNING)  # tfdp prints its own progress
         try:
+            if takes_args:
+                sys.exit(main(argv))
             if len(argv) > 1:
                 raise UserError(f"unexpected argument {argv[1]!r}; flags look like --name=value "
                                 f"(see {prog} --help)")
@@ -49,7 +55,7 @@ def run(main) -> None:
             main()
         except UserError as err:
             print(f"{prog}: error: {err}", file=sys.stderr)
-            sys.exit(EXIT_USER_ERROR)
+            sys.exit(getattr(err, "exit_code", EXIT_USER_ERROR))
         except OSError as err:  # unwritable model_dir, full disk, ...
             where = f": {err.filename}" if err.filename else ""
             print(f"{prog}: error: {err.strerror or err}{where}; check the path, its "

@@ -68,6 +68,12 @@ def define_train_flags() -> None:
                          "Replicas when training on CPU (the CPU is split into logical devices).")
     flags.DEFINE_bool("jit_compile", _D.jit_compile,
                       "Compile each replica's forward/backward with XLA.")
+    flags.DEFINE_float("collective_timeout", _D.collective_timeout,
+                       "Multi-worker: seconds a dead, frozen or missing worker may hold up the "
+                       "others before they all stop with an error naming it.")
+    flags.DEFINE_integer("slurm_port_base", _D.slurm_port_base,
+                         "Multi-worker under SLURM: port of the first task on each node "
+                         "(the next tasks take the following ports).")
     flags.DEFINE_string("model_dir", _D.model_dir,
                         "Directory for checkpoints, TensorBoard logs, metrics and samples; "
                         "an existing run there is resumed.")

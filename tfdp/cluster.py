@@ -9,13 +9,14 @@ are present.
 No hangs. A worker that dies, freezes or never arrives must stop the others
 within --collective_timeout seconds, with a message naming it:
 
-  * joining: a watchdog gives the strategy's start-up rendezvous that long,
-    then names the workers whose ports do not answer and exits;
+  * joining: a watchdog process (tfdp/joinwatch.py) gives the strategy's
+    start-up rendezvous that long, then names the workers whose ports do
+    not answer and ends this one;
   * dead or frozen peers during training: the coordination service's
     heartbeat timeout (configured here) or the refused gRPC connection
     aborts the collectives, and `peer_failure` turns TensorFlow's error into
     one line;
-  * a peer alive but stuck (e.g. a hung filesystem): the same watchdog sees
+  * a peer alive but stuck (e.g. a hung filesystem): a watchdog thread sees
     no step finish for that long and aborts the collectives itself.
 
 Why not CommunicationOptions(timeout_seconds=...)? TensorFlow starts one
@@ -31,6 +32,7 @@ import json
 import os
 import re
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -169,40 +171,40 @@ def configure_coordination(resolver, timeout: float) -> None:
                           for job in JOBS if job in spec.jobs])
 
 
-def _listening(address: str) -> bool:
-    host, port = address.rsplit(":", 1)
-    try:
-        with socket.create_connection((host, int(port)), timeout=2.0):
-            return True
-    except OSError:
-        return False
-
-
 def _name(job: str, index: int, address: str) -> str:
     return f"{job} {index} ({address})"
 
 
-class Watchdog:
-    """Stops this worker when the job makes no progress for `timeout` seconds.
+def join_watchdog(resolver, timeout: float) -> subprocess.Popen:
+    """Start the process that bounds the cluster join (tfdp/joinwatch.py);
+    write a line to its stdin once joined."""
+    own = (resolver.task_type, resolver.task_id)
+    peers = [[f"{job} {i}", address] for job, i, address in _tasks(resolver)
+             if (job, i) != own]
+    return subprocess.Popen(
+        [sys.executable, "-m", "tfdp.joinwatch", str(os.getpid()), str(timeout),
+         os.path.basename(sys.argv[0]), json.dumps(peers)], stdin=subprocess.PIPE)
 
-    Armed while the strategy joins the cluster (`joined` False), then only
-    inside `watching()` blocks, which the training loop wraps around its
-    steps and validation, calling `beat()` after each. Local work between
-    them (preparing data, compiling, writing samples) is not timed.
+
+class Watchdog:
+    """Stops this worker when training makes no progress for `timeout` seconds.
+
+    Active only inside `watching()` blocks, which the training loop wraps
+    around its steps and validation, calling `beat()` after each; local
+    work between them (preparing data, compiling, writing samples) is not
+    timed. TensorFlow releases the GIL while a step runs, so this thread
+    can act while the main thread waits in a collective.
     """
 
     def __init__(self, resolver, timeout: float):
         self.resolver, self.timeout = resolver, timeout
-        self.last, self.joined, self.active = time.monotonic(), False, True
+        self.last, self.active = time.monotonic(), False
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._watch, daemon=True, name="tfdp-watchdog")
         self.thread.start()
 
     def beat(self) -> None:
         self.last = time.monotonic()
-
-    def joined_cluster(self) -> None:
-        self.joined, self.active = True, False
 
     @contextlib.contextmanager
     def watching(self):
@@ -213,20 +215,13 @@ class Watchdog:
         finally:
             self.active = False
 
-    def _peers(self):
-        own = (self.resolver.task_type, self.resolver.task_id)
-        return [t for t in _tasks(self.resolver) if t[:2] != own]
-
     def _watch(self) -> None:
+        own = (self.resolver.task_type, self.resolver.task_id)
         while not self.stopped.wait(1.0):
             if not self.active or time.monotonic() - self.last < self.timeout:
                 continue
-            if not self.joined:
-                missing = [_name(*t) for t in self._peers() if not _listening(t[2])]
-                _die(f"{', '.join(missing) or 'a worker'} did not join within "
-                     f"--collective_timeout={self.timeout:g}s; start every task of the cluster "
-                     "(same cluster list, each its own task index) or raise --collective_timeout")
-            silent = [_name(*t) for t in self._peers() if not _peer_healthy(t[0], t[1])]
+            silent = [_name(*t) for t in _tasks(self.resolver)
+                      if t[:2] != own and not _peer_healthy(t[0], t[1])]
             reason = (f"{', '.join(silent)} stopped answering" if silent else
                       "no step finished (every worker still answers: one is stuck)")
             context.context().abort_collective_ops(

@@ -85,9 +85,12 @@ def _multi_worker(resolver, timeout: float) -> tf.distribute.Strategy:
     """MultiWorkerMirroredStrategy that cannot wait forever for its peers."""
     cluster.check_own_port(resolver)
     cluster.configure_coordination(resolver, timeout)
-    watchdog = cluster.start_watchdog(resolver, timeout)  # bounds the join below
-    strategy = tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
-    watchdog.joined_cluster()
+    join = cluster.join_watchdog(resolver, timeout)
+    try:
+        strategy = tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
+    finally:
+        join.communicate(b"joined\n")
+    cluster.start_watchdog(resolver, timeout)
     return strategy
 
 

@@ -1,0 +1,57 @@
+"""A 20-step training job used by tests/test_multiworker.py.
+
+`train_weights` runs tfdp's own pieces (data split, model, optimizer,
+Trainer) under whatever strategy it is given. Run as a script, it is one
+worker of a tfdp-launch job and saves its final weights as
+OUT/worker_<index>.npz, so the test can compare workers with each other and
+with in-process MirroredStrategy and one-device runs.
+
+    python tests/multiworker_job.py DATA_DIR OUT_DIR
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tfdp.config import Config
+from tfdp.dataset import Split
+from tfdp.loop import Trainer
+from tfdp.model import build_model
+from tfdp.optimizer import build_optimizer
+from tfdp.prepare import load_manifest
+
+CFG = Config(num_layers=1, num_heads=2, hidden_dim=32, intermediate_dim=64, seq_len=32,
+             global_batch_size=8, train_steps=20, eval_every=10, checkpoint_every=10,
+             learning_rate=1e-2, min_learning_rate=1e-3, warmup_steps=2, log_every=10,
+             sample_tokens=0, collective_timeout=60)
+
+
+def train_weights(strategy, data_dir: str, checkpoint_dir: str, cfg: Config = CFG):
+    """Train cfg.train_steps steps on data_dir; return (weights, last logs)."""
+    train = Split(data_dir, "train", cfg.seq_len)
+    val = Split(data_dir, "val", cfg.seq_len)
+    with strategy.scope():
+        keras.utils.set_random_seed(cfg.seed)
+        model = build_model(cfg, load_manifest(data_dir)["vocab_size"])
+        optimizer = build_optimizer(cfg, model.trainable_variables)
+    manager = tf.train.CheckpointManager(
+        tf.train.Checkpoint(backbone=model.backbone, optimizer=optimizer), checkpoint_dir, 1)
+    logs = Trainer(cfg, strategy, model, optimizer, train, val, manager).fit()
+    return model.get_weights(), logs
+
+
+if __name__ == "__main__":
+    from tfdp.strategy import build_strategy
+    data_dir, out_dir = sys.argv[1:3]
+    task = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
+    strategy = build_strategy("multi_worker_mirrored", collective_timeout=CFG.collective_timeout)
+    weights, logs = train_weights(strategy, data_dir, os.path.join(out_dir, f"ckpt_{task}"))
+    np.savez(os.path.join(out_dir, f"worker_{task}.npz"), *weights)
+    with open(os.path.join(out_dir, f"logs_{task}.json"), "w") as f:
+        json.dump({k: float(v) for k, v in logs.items()}, f)

@@ -1,0 +1,221 @@
+"""Multi-worker training across processes on loopback: MultiWorkerMirroredStrategy
+driven by tfdp's own step, started with tfdp-launch.
+
+Every job runs under a hard timeout and the launcher kills its workers when
+it returns; `_no_processes_mention` double-checks that nothing is left.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import run_cli, tiny_text
+from multiworker_job import CFG, train_weights
+from tfdp.prepare import prepare
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+JOB = Path(__file__).with_name("multiworker_job.py")
+TINY = ["--num_layers=1", "--num_heads=2", "--hidden_dim=32", "--intermediate_dim=64",
+        "--seq_len=32", "--global_batch_size=8", "--sample_tokens=0", "--log_every=1"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mw_data")
+    corpus = root / "corpus.txt"
+    corpus.write_text(tiny_text(200), encoding="utf-8")
+    prepare([corpus], str(root / "data"), "byte", val_fraction=0.05, log=lambda *_: None)
+    return str(root / "data")
+
+
+def _env(tmp_path) -> dict:
+    env = {**os.environ, "TMPDIR": str(tmp_path / "tmp")}
+    (tmp_path / "tmp").mkdir(exist_ok=True)
+    env.pop("TF_CONFIG", None)
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)  # exercise tfdp-train's own quieting
+    return env
+
+
+def _no_processes_mention(marker: str) -> list[int]:
+    """Pids of live processes whose command line contains `marker`."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if marker.encode() in cmdline and int(pid) != os.getpid():
+            found.append(int(pid))
+    return found
+
+
+def _launch(args, env, timeout=300):
+    return subprocess.run([str(BIN / "tfdp-launch"), *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def test_two_workers_match_mirrored_and_one_device(tmp_path, data_dir, mirrored, one_device):
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = _launch(["--num_workers=2", "--cpu_threads_per_worker=1", "--",
+                    sys.executable, str(JOB), data_dir, str(out)], _env(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    workers = [np.load(out / f"worker_{i}.npz") for i in range(2)]
+    w0, w1 = ([w[k] for k in sorted(w.files, key=lambda k: int(k.split("_")[1]))]
+              for w in workers)
+    # Both workers applied the same all-reduced updates: bit-identical weights.
+    for a, b in zip(w0, w1):
+        np.testing.assert_array_equal(a, b)
+    mirrored_weights, mirrored_logs = train_weights(mirrored, data_dir, str(tmp_path / "m"))
+    single_weights, single_logs = train_weights(one_device, data_dir, str(tmp_path / "s"))
+    initial = train_weights.__globals__["build_model"](CFG, 257).get_weights()
+    moved = max(float(np.max(np.abs(a - b))) for a, b in zip(w0, initial))
+    assert moved > 1e-2  # 20 steps at lr 1e-2 really trained
+    for name, other in (("mirrored", mirrored_weights), ("one_device", single_weights)):
+        worst = max(float(np.max(np.abs(a - b))) for a, b in zip(w0, other))
+        assert worst < 1e-4, f"2 workers vs {name}: weights differ by up to {worst}"
+    # Validation is reduced across workers: the same loss as in one process.
+    logs = json.loads((out / "logs_0.json").read_text())
+    np.testing.assert_allclose(logs["val_loss"], single_logs["val_loss"], rtol=1e-5)
+    np.testing.assert_allclose(logs["val_loss"], mirrored_logs["val_loss"], rtol=1e-5)
+
+
+def test_tfdp_launch_end_to_end(tmp_path, text_file):
+    model_dir = tmp_path / "run"
+    env = _env(tmp_path)
+    proc = _launch(["--num_workers=2", "--", "tfdp-train", f"--data={text_file}",
+                    f"--model_dir={model_dir}", *TINY, "--train_steps=6", "--eval_every=3",
+                    "--checkpoint_every=3", "--collective_timeout=60"], env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert "tfdp-launch: all 2 worker(s) finished" in proc.stdout
+    # Only the chief reports; the other worker stays silent when all is well.
+    assert "[worker 0] step 6/6" in proc.stdout
+    assert not re.search(r"^\[worker 1\]", proc.stdout, re.M), proc.stdout
+    # Exactly one set of outputs, in model_dir, from the chief.
+    assert sorted(os.listdir(model_dir)) == ["checkpoints", "config.json", "data",
+                                             "metrics.json", "sample.txt", "tensorboard",
+                                             "tokenizer"]
+    metrics = json.loads((model_dir / "metrics.json").read_text())
+    assert metrics["step"] == 6 and metrics["num_replicas"] == 2
+    assert len(list((model_dir / "tensorboard" / "train").iterdir())) == 1
+    assert os.listdir(tmp_path / "tmp") == []  # the worker's scratch directory is gone
+    assert _no_processes_mention(str(model_dir)) == []
+    # Relaunching resumes on both workers from the chief's checkpoint.
+    proc = _launch(["--num_workers=2", "--", "tfdp-train", f"--data={text_file}",
+                    f"--model_dir={model_dir}", *TINY, "--train_steps=8", "--eval_every=3",
+                    "--checkpoint_every=3", "--collective_timeout=60"], env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "[worker 0] resumed from step 6" in proc.stdout
+    assert json.loads((model_dir / "metrics.json").read_text())["step"] == 8
+
+
+def _start_long_job(tmp_path, text_file, timeout: int):
+    model_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        [str(BIN / "tfdp-launch"), "--num_workers=2", "--grace_seconds=5", "--",
+         "tfdp-train", f"--data={text_file}", f"--model_dir={model_dir}", *TINY,
+         "--train_steps=100000", "--eval_every=100000", "--checkpoint_every=100000",
+         f"--collective_timeout={timeout}"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(tmp_path))
+    lines, pids = [], {}
+    deadline = time.monotonic() + 240
+    for line in proc.stdout:  # until training is under way on both workers
+        lines.append(line)
+        if m := re.match(r"tfdp-launch: worker (\d) is pid (\d+)", line):
+            pids[int(m.group(1))] = int(m.group(2))
+        if "[worker 0] step 3/" in line or time.monotonic() > deadline:
+            break
+    return proc, pids, lines, model_dir
+
+
+def _finish(proc, lines, timeout):
+    try:
+        rest, _ = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    return "".join(lines) + (rest or "")
+
+
+@pytest.mark.parametrize("how", ["killed", "frozen"])
+def test_lost_worker_stops_the_job(tmp_path, text_file, how):
+    timeout = 15
+    proc, pids, lines, model_dir = _start_long_job(tmp_path, text_file, timeout)
+    frozen = None
+    try:
+        assert set(pids) == {0, 1}, "".join(lines)
+        assert any("[worker 0] step 3/" in line for line in lines), "".join(lines)
+        os.kill(pids[1], signal.SIGKILL if how == "killed" else signal.SIGSTOP)
+        frozen = pids[1] if how == "frozen" else None
+        lost = time.monotonic()
+        output = _finish(proc, lines, timeout=timeout + 60)
+        elapsed = time.monotonic() - lost
+    finally:
+        if frozen and _no_processes_mention(str(model_dir)):
+            os.kill(frozen, signal.SIGKILL)  # the launcher should have done it already
+    assert proc.returncode != 0
+    # The survivor stopped by itself, within the timeout, naming the lost worker.
+    assert re.search(r"\[worker 0\] tfdp-train: error: .*worker 1 \(127\.0\.0\.1:\d+\)",
+                     output), output[-3000:]
+    assert "Traceback" not in output
+    if how == "killed":
+        assert elapsed < timeout + 10, elapsed
+        assert "tfdp-launch: worker 1 (pid" in output and "exit code 137" in output
+    else:  # the survivor fails first; the launcher then ends the frozen worker
+        assert elapsed < timeout + 30, elapsed
+        assert "tfdp-launch: worker 0 (pid" in output
+    assert _no_processes_mention(str(model_dir)) == []
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _tf_config(ports, index):
+    return json.dumps({"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
+                       "task": {"type": "worker", "index": index}})
+
+
+def test_worker_that_never_joins(tmp_path, text_file):
+    ports = [_free_port(), _free_port()]
+    model_dir = tmp_path / "run"
+    began = time.monotonic()
+    proc = run_cli("tfdp-train", f"--data={text_file}", f"--model_dir={model_dir}", *TINY,
+                   "--collective_timeout=8", env={"TF_CONFIG": _tf_config(ports, 0)},
+                   timeout=120)
+    assert proc.returncode == -9, proc.stderr  # ended by its join watchdog
+    assert time.monotonic() - began < 60
+    line, = proc.stderr.strip().splitlines()
+    assert line.startswith("tfdp-train: error: worker 1 (127.0.0.1:") and "did not join" in line
+    assert f":{ports[1]})" in line
+    assert not model_dir.exists()
+
+
+def test_port_in_use(tmp_path, text_file):
+    with socket.socket() as taken:
+        taken.bind(("", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = run_cli("tfdp-train", f"--data={text_file}", f"--model_dir={tmp_path / 'run'}",
+                       *TINY, env={"TF_CONFIG": _tf_config([port, _free_port()], 0)},
+                       timeout=120)
+    assert proc.returncode == 2
+    line, = proc.stderr.strip().splitlines()
+    assert line.startswith("tfdp-train: error: port ") and f"{port}" in line and "in use" in line
+    assert not (tmp_path / "run").exists()

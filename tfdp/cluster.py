@@ -70,19 +70,20 @@ def parse_tf_config(raw: str | None = None) -> dict | None:
             raise UserError(f'TF_CONFIG names a "{job}" job, which synchronous data parallelism '
                             'does not use; keep only "chief" and "worker" in the cluster')
         if not isinstance(addresses, list) or not all(
-                isinstance(a, str) and re.fullmatch(r"\S+:\d+", a) for a in addresses):
+                isinstance(a, str) and re.fullmatch(r"\S+:\d+", a)
+                and 0 < int(a.rsplit(":", 1)[1]) < 65536 for a in addresses):
             raise UserError(f'TF_CONFIG "{job}" must be a list of "host:port" strings, '
                             f"got {addresses!r}")
     task = config.get("task")
     if not isinstance(task, dict) or "type" not in task or "index" not in task:
         raise UserError('TF_CONFIG has no "task" with "type" and "index"; '
                         'add e.g. "task": {"type": "worker", "index": 0}')
-    job = cluster.get(task["type"])
+    job = cluster.get(task["type"]) if isinstance(task["type"], str) else None
     if not isinstance(job, list):
         raise UserError(f'TF_CONFIG task type "{task["type"]}" is not a job in the cluster '
                         f"({', '.join(cluster)}); use one of those")
     index = task["index"]
-    if not isinstance(index, int) or not 0 <= index < len(job):
+    if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(job):
         raise UserError(f'TF_CONFIG task index {index!r} is outside the "{task["type"]}" '
                         f"list of {len(job)}; use an index from 0 to {len(job) - 1}")
     return config
@@ -94,23 +95,34 @@ def in_slurm_step() -> bool:
         "SLURM_PROCID" in os.environ
 
 
-def _slurm_resolver(port_base: int):
-    """SlurmClusterResolver for GPU or CPU nodes.
+class _CpuSlurmResolver(tf.distribute.cluster_resolver.SlurmClusterResolver):
+    """SlurmClusterResolver for nodes without GPUs.
 
-    On nodes without GPUs the resolver's GPU bookkeeping would place no task
-    at all, so there it counts one slot per task and leaves
-    CUDA_VISIBLE_DEVICES alone.
+    The stock resolver places tasks by GPU slots, so on a CPU node it places
+    none; here every task gets one pseudo slot (for its port) and the
+    resolver reports no accelerators, so each worker trains on its CPU.
     """
-    has_gpus = "CUDA_VISIBLE_DEVICES" in os.environ or any(
+
+    def num_accelerators(self, task_type=None, task_id=None, config_proto=None):
+        return {}
+
+
+def _slurm_resolver(port_base: int):
+    """SlurmClusterResolver for the current srun step, GPU or CPU nodes."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    has_gpus = bool(visible.strip()) if visible is not None else any(
         os.access(os.path.join(d, "nvidia-smi"), os.X_OK)
-        for d in os.environ.get("PATH", "").split(os.pathsep))
+        for d in os.environ.get("PATH", "").split(os.pathsep) if d)
     try:
         if has_gpus:
-            return tf.distribute.cluster_resolver.SlurmClusterResolver(port_base=port_base)
-        per_node = max(int(n.split("(")[0]) for n in
-                       os.environ.get("SLURM_STEP_TASKS_PER_NODE", "1").split(","))
-        return tf.distribute.cluster_resolver.SlurmClusterResolver(
-            port_base=port_base, gpus_per_node=per_node, gpus_per_task=1, auto_set_gpu=False)
+            resolver = tf.distribute.cluster_resolver.SlurmClusterResolver(port_base=port_base)
+        else:
+            per_node = max(int(n.split("(")[0]) for n in
+                           os.environ.get("SLURM_STEP_TASKS_PER_NODE", "1").split(","))
+            resolver = _CpuSlurmResolver(port_base=port_base, gpus_per_node=per_node,
+                                         gpus_per_task=1, auto_set_gpu=False)
+        resolver.cluster_spec()  # resolves (and on GPUs sets CUDA_VISIBLE_DEVICES) now
+        return resolver
     except (RuntimeError, ValueError, KeyError) as err:
         raise UserError(f"cannot read the SLURM job step ({err}); start tfdp-train with srun "
                         "inside an allocation, or set TF_CONFIG instead") from None

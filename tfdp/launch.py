@@ -154,11 +154,11 @@ class Launcher:
             self.pumps.append(pump)
 
     def stop(self, sig: int) -> None:
-        """Send `sig` to every worker still running (and its process group)."""
+        """Send `sig` to every worker's process group: the worker and anything
+        it started, which may outlive a worker that has already exited."""
         for proc in self.procs:
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(proc.pid, sig)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, sig)
 
     def _wait_all(self, deadline: float) -> bool:
         while time.monotonic() < deadline:
@@ -204,9 +204,8 @@ class Launcher:
                          f"failed with exit code {code}; stopping the job")
             self._shut_down()
         finally:
-            if any(p.poll() is None for p in self.procs):
-                self.stop(signal.SIGKILL)
-                self._wait_all(time.monotonic() + 10.0)
+            self.stop(signal.SIGKILL)  # whatever is left, workers' children included
+            self._wait_all(time.monotonic() + 10.0)
             for pump in getattr(self, "pumps", []):
                 pump.join(timeout=5.0)
             for sig, handler in previous.items():

@@ -29,10 +29,17 @@ def _token_losses(model, windows, training: bool):
 
 
 def make_train_step(strategy, model, optimizer, global_batch_size: int, seq_len: int,
-                    clip_norm: float, jit_compile: bool = True):
-    """Return a tf.function(iterator) -> {"loss", "grad_norm"} running one step."""
+                    clip_norm: float, jit_compile: bool = True,
+                    all_reduce_dtype: str = "float32"):
+    """Return a tf.function(iterator) -> {"loss", "grad_norm"} running one step.
+
+    `all_reduce_dtype="bfloat16"` sends the gradients across replicas in
+    bfloat16 (half the bytes, ~3 significant digits per summand), then
+    casts back; the loss then needs a second, float32 all-reduce.
+    """
     variables = model.trainable_variables
     global_tokens = float(global_batch_size * seq_len)
+    wire = tf.as_dtype(all_reduce_dtype)
 
     @tf.function(jit_compile=jit_compile)
     def forward_backward(windows):
@@ -45,7 +52,13 @@ def make_train_step(strategy, model, optimizer, global_batch_size: int, seq_len:
         # ONE collective per step: the loss rides in the gradients' all-reduce
         # (packed into one buffer), so across workers a step pays one network
         # round trip, not three (gradients, loss, norm).
-        *grads, loss = tf.distribute.get_replica_context().all_reduce(SUM, [*grads, loss])
+        replica = tf.distribute.get_replica_context()
+        if wire == tf.float32:
+            *grads, loss = replica.all_reduce(SUM, [*grads, loss])
+        else:
+            sent = replica.all_reduce(SUM, [tf.cast(g, wire) for g in grads])
+            grads = [tf.cast(g, tf.float32) for g in sent]
+            loss = replica.all_reduce(SUM, loss)
         norm = tf.linalg.global_norm(grads)
         if clip_norm > 0:
             grads, _ = tf.clip_by_global_norm(grads, clip_norm, use_norm=norm)

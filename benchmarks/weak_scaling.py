@@ -1,0 +1,189 @@
+#!/usr/bin/env python3
+"""Weak-scaling efficiency of multi-worker training on this machine.
+
+    efficiency = tokens/s of 2 workers (one core each, MultiWorkerMirrored)
+                 / (2 x tokens/s of 1 process on one core)
+
+at the same per-replica batch, for per-replica batches of 768 and 8192
+tokens (6 and 64 windows of 128). Each measurement is a fresh process (the
+pair started by tfdp-launch, pinned one core per worker); rounds interleave
+every variant so load changes on this shared machine fall on all alike;
+figures are medians over rounds.
+
+Variants of the 2-worker step (the 1-process reference is tfdp's step on
+one core; its all-reduce over one replica costs nothing):
+
+  tfdp            one all-reduce per step carrying gradients and loss
+  tfdp-bf16-wire  gradients all-reduced in bfloat16 (loss separately)
+  naive           the textbook custom loop: loss scaled per replica, Keras'
+                  optimizer all-reduces the gradients, loss reduced with
+                  strategy.reduce (as in the TF distributed-training guide)
+
+    python benchmarks/weak_scaling.py                 # ~10 minutes on 2 cores
+    python benchmarks/weak_scaling.py --rounds 1 --steps 20 --tokens 768
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+VARIANTS = ("tfdp", "tfdp-bf16-wire", "naive")
+SEQ_LEN = 128
+
+
+# ---------------------------------------------------------------- one process
+
+def worker(args) -> None:
+    """Train `--steps` timed steps; the chief prints one JSON line."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import keras
+    import tensorflow as tf
+
+    from tfdp.config import Config
+    from tfdp.dataset import Split, train_dataset_fn
+    from tfdp.model import build_model, logits
+    from tfdp.optimizer import build_optimizer
+    from tfdp.prepare import load_manifest
+    from tfdp.step import make_train_step
+    from tfdp.strategy import build_strategy, is_chief
+
+    multi = "TF_CONFIG" in os.environ
+    strategy = build_strategy("multi_worker_mirrored" if multi else "one_device",
+                              collective_timeout=600)
+    replicas = strategy.num_replicas_in_sync
+    per_replica = args.tokens // SEQ_LEN
+    cfg = Config(seq_len=SEQ_LEN, global_batch_size=per_replica * replicas)
+    split = Split(args.data, "train", SEQ_LEN)
+    with strategy.scope():
+        keras.utils.set_random_seed(cfg.seed)
+        model = build_model(cfg, load_manifest(args.data)["vocab_size"])
+        if args.variant == "naive":
+            optimizer = keras.optimizers.AdamW(cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                               beta_2=cfg.beta2, global_clipnorm=cfg.clip_norm)
+            optimizer.build(model.trainable_variables)
+        else:
+            optimizer = build_optimizer(cfg, model.trainable_variables)
+    if args.variant == "naive":
+        variables = model.trainable_variables
+
+        @tf.function(jit_compile=True)
+        def forward_backward(windows):
+            with tf.GradientTape() as tape:
+                per_token = tf.nn.sparse_softmax_cross_entropy_with_logits(
+                    windows[:, 1:], logits(model, windows[:, :-1], training=True))
+                loss = tf.nn.compute_average_loss(tf.reduce_mean(per_token, axis=1),
+                                                  global_batch_size=cfg.global_batch_size)
+            return loss, tape.gradient(loss, variables)
+
+        def replica_step(windows):
+            loss, grads = forward_backward(windows)
+            optimizer.apply_gradients(zip(grads, variables))
+            return loss
+
+        @tf.function
+        def step(iterator):
+            loss = strategy.run(replica_step, args=(next(iterator),))
+            return {"loss": strategy.reduce("SUM", loss, axis=None)}
+    else:
+        wire = "bfloat16" if args.variant == "tfdp-bf16-wire" else "float32"
+        step = make_train_step(strategy, model, optimizer, cfg.global_batch_size, SEQ_LEN,
+                               cfg.clip_norm, True, all_reduce_dtype=wire)
+    iterator = iter(strategy.distribute_datasets_from_function(
+        train_dataset_fn(split, cfg.global_batch_size, cfg.seed)))
+    for _ in range(args.warmup):
+        float(step(iterator)["loss"])
+    began = time.perf_counter()
+    for _ in range(args.steps):
+        float(step(iterator)["loss"])
+    seconds = time.perf_counter() - began
+    if is_chief(strategy):
+        print(json.dumps({"tokens_per_second": args.steps * cfg.global_batch_size * SEQ_LEN
+                          / seconds, "replicas": replicas}), flush=True)
+    sys.stdout.flush()
+    os._exit(0)  # skip TF's slow multi-worker teardown; results are printed
+
+
+# ---------------------------------------------------------------- driver
+
+def _measure(argv: list[str], pair: bool) -> float:
+    here = [sys.executable, str(Path(__file__).resolve()), "--worker", *argv]
+    if pair:
+        cmd = [str(Path(sys.executable).parent / "tfdp-launch"), "--num_workers=2",
+               "--cpu_threads_per_worker=1", "--", *here]
+        env = os.environ
+    else:  # one process, pinned to one core, the same thread settings
+        cmd = ["taskset", "-c", str(min(os.sched_getaffinity(0))), *here]
+        env = {**os.environ, "TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1",
+               "OMP_NUM_THREADS": "1"}
+    env = {k: v for k, v in env.items() if k != "TF_CONFIG"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    for line in proc.stdout.splitlines():
+        line = line.split("] ", 1)[-1]
+        if line.startswith("{"):
+            return json.loads(line)["tokens_per_second"]
+    raise RuntimeError(f"no result from {' '.join(cmd)}:\n{proc.stdout[-2000:]}\n"
+                       f"{proc.stderr[-2000:]}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--data", default=None, help="prepared data dir (default: stdlib, "
+                        "prepared into a temp dir)")
+    parser.add_argument("--variant", default="tfdp", choices=VARIANTS)
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--tokens", type=int, default=0, help="one per-replica size only")
+    parser.add_argument("--steps", type=int, default=40, help="timed steps (768 tokens; "
+                        "scaled down for larger batches to keep the time per run similar)")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args)
+    sys.path.insert(0, str(ROOT))
+    variants = args.variants.split(",")
+    sizes = [args.tokens] if args.tokens else [768, 8192]
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = args.data
+        if data_dir is None:
+            import data as recipes
+            from tfdp.prepare import prepare
+            data_dir = os.path.join(tmp, "data")
+            prepare(recipes.source_files("stdlib"), data_dir, "byte", log=lambda *_: None)
+        print(f"weak scaling on {os.cpu_count()} cores; {args.rounds} round(s); "
+              f"model: tfdp default (4 layers, width 128), seq_len {SEQ_LEN}", flush=True)
+        for tokens in sizes:
+            steps = max(8, args.steps * 768 // tokens)
+            common = [f"--data={data_dir}", f"--tokens={tokens}", f"--steps={steps}",
+                      f"--warmup={args.warmup}"]
+            runs: dict[str, list[float]] = {"single": []} | {v: [] for v in variants}
+            for r in range(args.rounds):
+                order = ["single", *variants]
+                order = order[r % len(order):] + order[:r % len(order)]
+                for name in order:
+                    variant = "tfdp" if name == "single" else name
+                    runs[name].append(_measure([*common, f"--variant={variant}"],
+                                               pair=name != "single"))
+            single = statistics.median(runs["single"])
+            print(f"\nper-replica batch {tokens} tokens ({tokens // SEQ_LEN} windows), "
+                  f"{steps} timed steps, medians of {args.rounds}:")
+            print(f"  1 process, 1 core     {single:10,.0f} tok/s   "
+                  f"(runs: {', '.join(f'{x:,.0f}' for x in runs['single'])})")
+            for v in variants:
+                pair = statistics.median(runs[v])
+                print(f"  2 workers, {v:<14} {pair:10,.0f} tok/s   efficiency "
+                      f"{pair / (2 * single):6.1%}   "
+                      f"(runs: {', '.join(f'{x:,.0f}' for x in runs[v])})", flush=True)
+
+
+if __name__ == "__main__":
+    main()

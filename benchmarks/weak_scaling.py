@@ -10,6 +10,12 @@ pair started by tfdp-launch, pinned one core per worker); rounds interleave
 every variant so load changes on this shared machine fall on all alike;
 figures are medians over rounds.
 
+Besides the efficiency, each size reports a ceiling: two independent
+processes on their own cores at once, no communication at all, against 2x
+one alone. Cores that share caches, memory bandwidth or a physical core
+(a VM's vCPUs may be hyperthreads) lower it; no communication scheme can
+beat it, so the fraction of the ceiling is what tfdp's step itself costs.
+
 Variants of the 2-worker step (the 1-process reference is tfdp's step on
 one core; its all-reduce over one replica costs nothing):
 
@@ -114,24 +120,32 @@ def worker(args) -> None:
 
 # ---------------------------------------------------------------- driver
 
-def _measure(argv: list[str], pair: bool) -> float:
-    here = [sys.executable, str(Path(__file__).resolve()), "--worker", *argv]
-    if pair:
-        cmd = [str(Path(sys.executable).parent / "tfdp-launch"), "--num_workers=2",
-               "--cpu_threads_per_worker=1", "--", *here]
-        env = os.environ
-    else:  # one process, pinned to one core, the same thread settings
-        cmd = ["taskset", "-c", str(min(os.sched_getaffinity(0))), *here]
-        env = {**os.environ, "TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1",
-               "OMP_NUM_THREADS": "1"}
-    env = {k: v for k, v in env.items() if k != "TF_CONFIG"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
-    for line in proc.stdout.splitlines():
+def _result(proc: subprocess.Popen, cmd) -> float:
+    out, err = proc.communicate(timeout=900)
+    for line in out.splitlines():
         line = line.split("] ", 1)[-1]
         if line.startswith("{"):
             return json.loads(line)["tokens_per_second"]
-    raise RuntimeError(f"no result from {' '.join(cmd)}:\n{proc.stdout[-2000:]}\n"
-                       f"{proc.stderr[-2000:]}")
+    raise RuntimeError(f"no result from {' '.join(cmd)}:\n{out[-2000:]}\n{err[-2000:]}")
+
+
+def _measure(argv: list[str], kind: str) -> float:
+    """Tokens/s of: "single" (1 process on 1 core), "pair" (2 workers, one
+    core each, tfdp-launch) or "independent" (2 single processes at once on
+    cores of their own, summed: what the machine allows with no communication)."""
+    here = [sys.executable, str(Path(__file__).resolve()), "--worker", *argv]
+    env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
+    if kind == "pair":
+        cmd = [str(Path(sys.executable).parent / "tfdp-launch"), "--num_workers=2",
+               "--cpu_threads_per_worker=1", "--", *here]
+        return _result(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        text=True, env=env), cmd)
+    env.update(TF_NUM_INTRAOP_THREADS="1", TF_NUM_INTEROP_THREADS="1", OMP_NUM_THREADS="1")
+    cores = sorted(os.sched_getaffinity(0))[:1 if kind == "single" else 2]
+    cmds = [["taskset", "-c", str(core), *here] for core in cores]
+    procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=env) for c in cmds]
+    return sum(_result(p, c) for p, c in zip(procs, cmds))
 
 
 def main() -> None:
@@ -165,23 +179,28 @@ def main() -> None:
             steps = max(8, args.steps * 768 // tokens)
             common = [f"--data={data_dir}", f"--tokens={tokens}", f"--steps={steps}",
                       f"--warmup={args.warmup}"]
-            runs: dict[str, list[float]] = {"single": []} | {v: [] for v in variants}
+            runs: dict[str, list[float]] = {"single": [], "independent": []} | {
+                v: [] for v in variants}
             for r in range(args.rounds):
-                order = ["single", *variants]
+                order = list(runs)
                 order = order[r % len(order):] + order[:r % len(order)]
                 for name in order:
-                    variant = "tfdp" if name == "single" else name
-                    runs[name].append(_measure([*common, f"--variant={variant}"],
-                                               pair=name != "single"))
+                    variant = "tfdp" if name in ("single", "independent") else name
+                    kind = name if name in ("single", "independent") else "pair"
+                    runs[name].append(_measure([*common, f"--variant={variant}"], kind))
             single = statistics.median(runs["single"])
             print(f"\nper-replica batch {tokens} tokens ({tokens // SEQ_LEN} windows), "
                   f"{steps} timed steps, medians of {args.rounds}:")
             print(f"  1 process, 1 core     {single:10,.0f} tok/s   "
                   f"(runs: {', '.join(f'{x:,.0f}' for x in runs['single'])})")
+            both = statistics.median(runs["independent"])
+            print(f"  2 processes, no comm. {both:10,.0f} tok/s   ceiling    "
+                  f"{both / (2 * single):6.1%}   "
+                  f"(runs: {', '.join(f'{x:,.0f}' for x in runs['independent'])})")
             for v in variants:
                 pair = statistics.median(runs[v])
                 print(f"  2 workers, {v:<14} {pair:10,.0f} tok/s   efficiency "
-                      f"{pair / (2 * single):6.1%}   "
+                      f"{pair / (2 * single):6.1%} ({pair / both:6.1%} of the ceiling)   "
                       f"(runs: {', '.join(f'{x:,.0f}' for x in runs[v])})", flush=True)
 
 

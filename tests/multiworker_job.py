@@ -6,7 +6,7 @@ worker of a tfdp-launch job and saves its final weights as
 OUT/worker_<index>.npz, so the test can compare workers with each other and
 with in-process MirroredStrategy and one-device runs.
 
-    python tests/multiworker_job.py DATA_DIR OUT_DIR
+    python tests/multiworker_job.py DATA_DIR OUT_DIR [--input_sharding=interleave]
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ import numpy as np
 import tensorflow as tf
 
 from tfdp.config import Config
-from tfdp.dataset import Split
 from tfdp.loop import Trainer
 from tfdp.model import build_model
 from tfdp.optimizer import build_optimizer
 from tfdp.prepare import load_manifest
+from tfdp.run import load_splits
 
 CFG = Config(num_layers=1, num_heads=2, hidden_dim=32, intermediate_dim=64, seq_len=32,
              global_batch_size=8, train_steps=20, eval_every=10, checkpoint_every=10,
@@ -34,8 +34,7 @@ CFG = Config(num_layers=1, num_heads=2, hidden_dim=32, intermediate_dim=64, seq_
 
 def train_weights(strategy, data_dir: str, checkpoint_dir: str, cfg: Config = CFG):
     """Train cfg.train_steps steps on data_dir; return (weights, last logs)."""
-    train = Split(data_dir, "train", cfg.seq_len)
-    val = Split(data_dir, "val", cfg.seq_len)
+    train, val = load_splits(cfg, data_dir, strategy)  # this worker's part, as tfdp-train
     with strategy.scope():
         keras.utils.set_random_seed(cfg.seed)
         model = build_model(cfg, load_manifest(data_dir)["vocab_size"])
@@ -49,9 +48,12 @@ def train_weights(strategy, data_dir: str, checkpoint_dir: str, cfg: Config = CF
 if __name__ == "__main__":
     from tfdp.strategy import build_strategy
     data_dir, out_dir = sys.argv[1:3]
+    cfg = CFG
+    if "--input_sharding=interleave" in sys.argv:
+        cfg = Config(**{**CFG.__dict__, "input_sharding": "interleave"})
     task = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
-    strategy = build_strategy("multi_worker_mirrored", collective_timeout=CFG.collective_timeout)
-    weights, logs = train_weights(strategy, data_dir, os.path.join(out_dir, f"ckpt_{task}"))
+    strategy = build_strategy("multi_worker_mirrored", collective_timeout=cfg.collective_timeout)
+    weights, logs = train_weights(strategy, data_dir, os.path.join(out_dir, f"ckpt_{task}"), cfg)
     np.savez(os.path.join(out_dir, f"worker_{task}.npz"), *weights)
     with open(os.path.join(out_dir, f"logs_{task}.json"), "w") as f:
         json.dump({k: float(v) for k, v in logs.items()}, f)

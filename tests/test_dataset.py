@@ -133,3 +133,47 @@ def test_no_validation_window_ever_appears_in_training(tmp_path, one_device):
     text = "".join(decode(w) for step in batches for r in step for w in r)
     assert not any(f"line {n}" in text for n in val_numbers)
     assert "line 00000" in text
+
+
+# --- whole shard files per worker ------------------------------------------
+
+def test_whole_files_per_pipeline_when_there_are_enough(tmp_path):
+    """Shards of 65, 33, 49 tokens (16, 8, 12 windows) for 2 workers: worker 0
+    loads files 0 and 2, worker 1 file 1; each reads only its own windows and
+    sees every one of them once per pass of its own."""
+    from tfdp.dataset import shard_files
+    prep = str(_fake_prepared(tmp_path / "prep", [65, 33, 49]))
+    assert [shard_files(prep, "train", SEQ, 2, p) for p in range(2)] == [[0, 2], [1]]
+    assert shard_files(prep, "train", SEQ, 1, 0) is None  # one process holds everything
+    assert shard_files(prep, "train", SEQ, 4, 0) is None  # fewer files than workers
+    splits = [Split(prep, "train", SEQ, shard_files(prep, "train", SEQ, 2, p)) for p in range(2)]
+    assert [s.num_windows for s in splits] == [28, 8]
+    file_of = lambda start: 0 if start < 65 else 1 if start < 98 else 2  # noqa: E731
+    for p, split in enumerate(splits):
+        fn = train_dataset_fn(split, B, seed=6)
+        ctx = tf.distribute.InputContext(2, p, 2)
+        starts = [w[0] for b in fn(ctx).take(split.num_windows // (B // 2)) for w in b.numpy()]
+        assert {file_of(s) for s in starts} == ({0, 2} if p == 0 else {1})
+        assert len(set(starts)) == len(starts) == split.num_windows // (B // 2) * (B // 2)
+        # Resuming at step 1 continues the same stream.
+        resumed = train_dataset_fn(split, B, seed=6, start_step=1)(ctx)
+        assert [w[0] for w in next(iter(resumed)).numpy()] == starts[B // 2: B]
+    with pytest.raises(ValueError, match="input pipeline 1 of 2"):
+        train_dataset_fn(splits[0], B, seed=6)(tf.distribute.InputContext(2, 1, 2))
+
+
+def test_whole_file_validation_counts_every_window_once(tmp_path):
+    from tfdp.dataset import shard_files
+    prep = str(_fake_prepared(tmp_path / "prep", [65, 33, 49]))
+    splits = [Split(prep, "train", SEQ, shard_files(prep, "train", SEQ, 2, p)) for p in range(2)]
+    everything = Split(prep, "train", SEQ)
+    steps = [eval_steps_for(s, B, num_pipelines=2) for s in splits]
+    assert steps == [7, 7]  # 28 windows at 4 per pipeline per step; both run the same count
+    seen, weight = [], 0.0
+    for p, split in enumerate(splits):
+        ctx = tf.distribute.InputContext(2, p, 2)
+        for windows, weights in eval_dataset_fn(split, B, steps[p])(ctx):
+            seen += windows.numpy()[weights.numpy() > 0][:, 0].tolist()
+            weight += float(weights.numpy().sum())
+    assert weight == everything.num_windows == 36
+    assert sorted(seen) == sorted(everything.tokens[everything.starts].tolist())

@@ -145,6 +145,17 @@ def num_tasks(resolver) -> int:
     return sum(len(spec.get(job, [])) for job in JOBS)
 
 
+def input_pipeline(strategy) -> tuple[int, int]:
+    """(this worker's input pipeline id, number of pipelines), as the
+    strategy's InputContext will report them: one pipeline per worker."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if num_tasks(resolver) <= 1:
+        return 0, 1
+    spec = multi_worker_util.normalize_cluster_spec(resolver.cluster_spec())
+    return (multi_worker_util.id_in_cluster(spec, resolver.task_type, resolver.task_id),
+            num_tasks(resolver))
+
+
 def _tasks(resolver) -> list[tuple[str, int, str]]:
     """(job, index, "host:port") of every task in the cluster."""
     spec = resolver.cluster_spec().as_dict()

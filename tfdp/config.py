@@ -17,6 +17,7 @@ from tfdp.errors import UserError
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker_mirrored")
 TOKENIZERS = ("byte", "char", "wordpiece", "sentencepiece")
 SAMPLERS = ("greedy", "top_k", "top_p")
+INPUT_SHARDING = ("auto", "interleave")
 
 # Fields that fix the model's shape, the meaning of its tokens, or the data
 # order (a pure function of seed, step and global batch). A model_dir written
@@ -80,6 +81,7 @@ class Config:
     # Multi-worker: how long a dead, frozen or missing worker may hold up the
     # others (tfdp/cluster.py), and the first port of each SLURM node's tasks.
     collective_timeout: float = 600.0
+    input_sharding: str = "auto"  # whole shard files per worker when possible
     slurm_port_base: int = 8888
     model_dir: str = dataclasses.field(default_factory=default_model_dir)
 
@@ -122,6 +124,9 @@ class Config:
         if self.hidden_dim % self.num_heads:
             raise UserError(f"--hidden_dim={self.hidden_dim} is not divisible by "
                             f"--num_heads={self.num_heads}; pick values that divide")
+        if self.input_sharding not in INPUT_SHARDING:
+            raise UserError(f"--input_sharding={self.input_sharding!r} is unknown; "
+                            f"use one of {', '.join(INPUT_SHARDING)}")
         if self.collective_timeout <= 0:
             raise UserError(f"--collective_timeout={self.collective_timeout} must be a positive "
                             "number of seconds, e.g. 600")

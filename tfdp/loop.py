@@ -36,7 +36,8 @@ class Trainer:
         self.train_step = make_train_step(strategy, model, optimizer, cfg.global_batch_size,
                                           cfg.seq_len, cfg.clip_norm, cfg.jit_compile)
         self.eval_step = make_eval_step(strategy, model, cfg.jit_compile)
-        self.eval_steps = eval_steps_for(val, cfg.global_batch_size, cfg.eval_steps)
+        self.eval_steps = eval_steps_for(val, cfg.global_batch_size, cfg.eval_steps,
+                                         cluster.input_pipeline(strategy)[1])
         self.tokens_per_step = cfg.global_batch_size * cfg.seq_len
         # Bits per byte = nats per token * tokens per byte / ln 2, with the
         # validation split's own token/byte ratio from the manifest.

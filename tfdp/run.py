@@ -31,7 +31,7 @@ import data as recipes
 from tfdp import cluster
 from tfdp.callbacks import ProgressLogger, ScalarSummaries
 from tfdp.config import Config
-from tfdp.dataset import Split
+from tfdp.dataset import Split, shard_files
 from tfdp.errors import UserError
 from tfdp.flops import flops_per_token, machine_peak_flops
 from tfdp.generate import generate, held_out_prompt, make_sampler
@@ -64,8 +64,8 @@ def _first_missing(path: str) -> str | None:
     return missing
 
 
-def _load_data(cfg: Config, run_dir: str, log) -> tuple[str, Split, Split]:
-    """Find or prepare token shards; return (data_dir, train, val) splits.
+def _load_data(cfg: Config, run_dir: str, log) -> str:
+    """Find or prepare token shards; return their directory.
 
     Text is prepared in a staging directory and moved into run_dir/data
     only once both splits hold at least one window.
@@ -73,7 +73,7 @@ def _load_data(cfg: Config, run_dir: str, log) -> tuple[str, Split, Split]:
     spec = os.path.expanduser(cfg.data)
     for data_dir in (spec, os.path.join(run_dir, "data")):
         if is_prepared(data_dir):
-            return data_dir, Split(data_dir, "train", cfg.seq_len), Split(data_dir, "val", cfg.seq_len)
+            return data_dir
     files = recipes.source_files(spec)
     parent = os.path.dirname(run_dir)
     created = _first_missing(parent)  # removed again if preparing fails
@@ -82,7 +82,7 @@ def _load_data(cfg: Config, run_dir: str, log) -> tuple[str, Split, Split]:
     try:
         staged = os.path.join(staging, "data")
         prepare(files, staged, cfg.tokenizer, cfg.vocab_size, cfg.val_fraction, log=log)
-        train, val = Split(staged, "train", cfg.seq_len), Split(staged, "val", cfg.seq_len)
+        Split(staged, "train", cfg.seq_len), Split(staged, "val", cfg.seq_len)  # windows?
         os.makedirs(run_dir, exist_ok=True)
         os.rename(staged, os.path.join(run_dir, "data"))
     except BaseException:
@@ -91,7 +91,19 @@ def _load_data(cfg: Config, run_dir: str, log) -> tuple[str, Split, Split]:
         raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return os.path.join(run_dir, "data"), train, val
+    return os.path.join(run_dir, "data")
+
+
+def load_splits(cfg: Config, data_dir: str, strategy) -> tuple[Split, Split]:
+    """This worker's train and val splits: its own shard files when every
+    input pipeline can have whole files (--input_sharding=auto), else all."""
+    pipeline, pipelines = cluster.input_pipeline(strategy)
+
+    def split(name):
+        shards = (shard_files(data_dir, name, cfg.seq_len, pipelines, pipeline)
+                  if cfg.input_sharding == "auto" else None)
+        return Split(data_dir, name, cfg.seq_len, shards)
+    return split("train"), split("val")
 
 
 def _write_text(path: str, text: str) -> None:
@@ -185,7 +197,8 @@ def _train_in(cfg: Config, strategy, model_dir: str, write_dir: str, callbacks, 
     say(f"model_dir: {model_dir}")
     say(f"strategy: {type(strategy).__name__} with {replicas} replica(s) "
         f"({', '.join(strategy.extended.worker_devices)})")
-    data_dir, train_split, val_split = _load_data(cfg, write_dir, say)
+    data_dir = _load_data(cfg, write_dir, say)
+    train_split, val_split = load_splits(cfg, data_dir, strategy)
     manifest = load_manifest(data_dir)
     tokenizer = load_tokenizer(os.path.join(data_dir, "tokenizer"))
     if chief:
@@ -216,6 +229,7 @@ def _train_in(cfg: Config, strategy, model_dir: str, write_dir: str, callbacks, 
     peak = machine_peak_flops(strategy)
     say(f"model: {num_params:,} parameters, {fpt / 1e6:.2f} MFLOPs/token; "
         f"data: {train_split.num_windows:,} train / {val_split.num_windows:,} val windows "
+        f"{'(this worker: whole shard files) ' if train_split.shards is not None else ''}"
         f"of {cfg.seq_len + 1} {manifest['tokenizer']} tokens; "
         f"measured peak {peak / 1e9:.1f} GFLOP/s")
     own = [ProgressLogger(cfg.train_steps, cfg.log_every, say),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import app, logging
+from absl import app, flags, logging
 
 from tfdp.errors import UserError
 
@@ -42,6 +42,12 @@ def run(main, takes_args: bool = False) -> None:
     `--`) and returns the exit code, and TensorFlow is not imported here.
     """
     prog = os.path.basename(sys.argv[0])
+    # `--help` lists the flags of the main module, which for a console script
+    # is the generated wrapper; show the ones tfdp defines in trainer/ there.
+    for module, defined in flags.FLAGS.flags_by_module_dict().items():
+        if module.startswith("trainer."):
+            for flag in defined:
+                flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
 
     def wrapped(argv):
         logging.set_verbosity(logging.WARNING)  # tfdp prints its own progress

@@ -6,7 +6,7 @@ import dataclasses
 
 from absl import flags
 
-from tfdp.config import STRATEGIES, TOKENIZERS, Config
+from tfdp.config import INPUT_SHARDING, STRATEGIES, TOKENIZERS, Config
 
 FLAGS = flags.FLAGS
 _D = Config()
@@ -71,6 +71,11 @@ def define_train_flags() -> None:
     flags.DEFINE_float("collective_timeout", _D.collective_timeout,
                        "Multi-worker: seconds a dead, frozen or missing worker may hold up the "
                        "others before they all stop with an error naming it.")
+    flags.DEFINE_enum("input_sharding", _D.input_sharding, INPUT_SHARDING,
+                      "Multi-worker: auto gives each worker whole shard files of its own when "
+                      "there are enough (less memory and I/O; the data order then depends on "
+                      "the worker count); interleave makes every worker hold all files and "
+                      "take every P-th window of one order, the same for any worker count.")
     flags.DEFINE_integer("slurm_port_base", _D.slurm_port_base,
                          "Multi-worker under SLURM: port of the first task on each node "
                          "(the next tasks take the following ports).")

@@ -81,6 +81,10 @@ def train_cli(model_dir: Path, *flags: str, env=None):
     ({"strategy": "bogus"}, "--strategy='bogus'"),
     ({"tokenizer": "bpe"}, "--tokenizer='bpe'"),
     ({"model_dir": ""}, "--model_dir"),
+    ({"collective_timeout": 0}, "--collective_timeout=0"),
+    ({"slurm_port_base": 80}, "--slurm_port_base=80"),
+    ({"input_sharding": "files"}, "--input_sharding='files'"),
+    ({"all_reduce_dtype": "float16"}, "--all_reduce_dtype='float16'"),
 ])
 def test_config_validate_rejects(overrides, flag):
     with pytest.raises(UserError) as err:

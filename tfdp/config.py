@@ -18,6 +18,7 @@ STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker_mirrored")
 TOKENIZERS = ("byte", "char", "wordpiece", "sentencepiece")
 SAMPLERS = ("greedy", "top_k", "top_p")
 INPUT_SHARDING = ("auto", "interleave")
+ALL_REDUCE_DTYPES = ("float32", "bfloat16")
 
 # Fields that fix the model's shape, the meaning of its tokens, or the data
 # order (a pure function of seed, step and global batch). A model_dir written
@@ -82,6 +83,7 @@ class Config:
     # others (tfdp/cluster.py), and the first port of each SLURM node's tasks.
     collective_timeout: float = 600.0
     input_sharding: str = "auto"  # whole shard files per worker when possible
+    all_reduce_dtype: str = "float32"  # bfloat16 halves the bytes (benchmarks/weak_scaling.py)
     slurm_port_base: int = 8888
     model_dir: str = dataclasses.field(default_factory=default_model_dir)
 
@@ -127,6 +129,9 @@ class Config:
         if self.input_sharding not in INPUT_SHARDING:
             raise UserError(f"--input_sharding={self.input_sharding!r} is unknown; "
                             f"use one of {', '.join(INPUT_SHARDING)}")
+        if self.all_reduce_dtype not in ALL_REDUCE_DTYPES:
+            raise UserError(f"--all_reduce_dtype={self.all_reduce_dtype!r} is unknown; "
+                            f"use one of {', '.join(ALL_REDUCE_DTYPES)}")
         if self.collective_timeout <= 0:
             raise UserError(f"--collective_timeout={self.collective_timeout} must be a positive "
                             "number of seconds, e.g. 600")

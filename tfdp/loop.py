@@ -34,7 +34,8 @@ class Trainer:
         self.callbacks = keras.callbacks.CallbackList(
             list(callbacks), add_history=False, add_progbar=False, model=model)
         self.train_step = make_train_step(strategy, model, optimizer, cfg.global_batch_size,
-                                          cfg.seq_len, cfg.clip_norm, cfg.jit_compile)
+                                          cfg.seq_len, cfg.clip_norm, cfg.jit_compile,
+                                          cfg.all_reduce_dtype)
         self.eval_step = make_eval_step(strategy, model, cfg.jit_compile)
         self.eval_steps = eval_steps_for(val, cfg.global_batch_size, cfg.eval_steps,
                                          cluster.input_pipeline(strategy)[1])

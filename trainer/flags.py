@@ -6,7 +6,7 @@ import dataclasses
 
 from absl import flags
 
-from tfdp.config import INPUT_SHARDING, STRATEGIES, TOKENIZERS, Config
+from tfdp.config import ALL_REDUCE_DTYPES, INPUT_SHARDING, STRATEGIES, TOKENIZERS, Config
 
 FLAGS = flags.FLAGS
 _D = Config()
@@ -76,6 +76,9 @@ def define_train_flags() -> None:
                       "there are enough (less memory and I/O; the data order then depends on "
                       "the worker count); interleave makes every worker hold all files and "
                       "take every P-th window of one order, the same for any worker count.")
+    flags.DEFINE_enum("all_reduce_dtype", _D.all_reduce_dtype, ALL_REDUCE_DTYPES,
+                      "Type the gradients are summed across replicas in; bfloat16 halves the "
+                      "bytes sent (about 3 significant digits per replica's gradient).")
     flags.DEFINE_integer("slurm_port_base", _D.slurm_port_base,
                          "Multi-worker under SLURM: port of the first task on each node "
                          "(the next tasks take the following ports).")

@@ -114,8 +114,12 @@ def worker(args) -> None:
     if is_chief(strategy):
         print(json.dumps({"tokens_per_second": args.steps * cfg.global_batch_size * SEQ_LEN
                           / seconds, "replicas": replicas}), flush=True)
+    else:
+        # The chief may still be pulling this worker's half of the last
+        # all-reduce (RecvBuf); leaving at once would fail it.
+        time.sleep(3.0)
     sys.stdout.flush()
-    os._exit(0)  # skip TF's slow multi-worker teardown; results are printed
+    os._exit(0)  # skip TF's multi-worker teardown (a shutdown barrier); results are printed
 
 
 # ---------------------------------------------------------------- driver

@@ -7,6 +7,7 @@ OUT/worker_<index>.npz, so the test can compare workers with each other and
 with in-process MirroredStrategy and one-device runs.
 
     python tests/multiworker_job.py DATA_DIR OUT_DIR [--input_sharding=interleave]
+                                    [--stall_worker_1_at=STEP]
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 import keras
 import numpy as np
@@ -32,7 +34,22 @@ CFG = Config(num_layers=1, num_heads=2, hidden_dim=32, intermediate_dim=64, seq_
              sample_tokens=0, collective_timeout=60)
 
 
-def train_weights(strategy, data_dir: str, checkpoint_dir: str, cfg: Config = CFG):
+class _Stall(keras.callbacks.Callback):
+    """Hang in Python after `step` steps: the process stays alive and its
+    heartbeats continue, but it never joins another collective."""
+
+    def __init__(self, step: int):
+        super().__init__()
+        self.step = step
+
+    def on_train_batch_end(self, batch, logs=None):
+        if batch + 1 == self.step:
+            print("stalling", flush=True)
+            time.sleep(10_000)
+
+
+def train_weights(strategy, data_dir: str, checkpoint_dir: str, cfg: Config = CFG,
+                  callbacks=()):
     """Train cfg.train_steps steps on data_dir; return (weights, last logs)."""
     train, val = load_splits(cfg, data_dir, strategy)  # this worker's part, as tfdp-train
     with strategy.scope():
@@ -41,7 +58,7 @@ def train_weights(strategy, data_dir: str, checkpoint_dir: str, cfg: Config = CF
         optimizer = build_optimizer(cfg, model.trainable_variables)
     manager = tf.train.CheckpointManager(
         tf.train.Checkpoint(backbone=model.backbone, optimizer=optimizer), checkpoint_dir, 1)
-    logs = Trainer(cfg, strategy, model, optimizer, train, val, manager).fit()
+    logs = Trainer(cfg, strategy, model, optimizer, train, val, manager, callbacks).fit()
     return model.get_weights(), logs
 
 
@@ -51,9 +68,21 @@ if __name__ == "__main__":
     cfg = CFG
     if "--input_sharding=interleave" in sys.argv:
         cfg = Config(**{**CFG.__dict__, "input_sharding": "interleave"})
+    stall = [int(a.split("=")[1]) for a in sys.argv if a.startswith("--stall_worker_1_at=")]
+    if stall:
+        cfg = Config(**{**cfg.__dict__, "collective_timeout": 10.0})
     task = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
     strategy = build_strategy("multi_worker_mirrored", collective_timeout=cfg.collective_timeout)
-    weights, logs = train_weights(strategy, data_dir, os.path.join(out_dir, f"ckpt_{task}"), cfg)
+    try:
+        weights, logs = train_weights(strategy, data_dir, os.path.join(out_dir, f"ckpt_{task}"),
+                                      cfg, [_Stall(stall[0])] if stall and task == 1 else [])
+    except tf.errors.OpError as err:  # as tfdp.run.train reports a lost or stuck peer
+        from tfdp.cluster import peer_failure
+        lost = peer_failure(err)
+        if lost is None:
+            raise
+        print(f"multiworker_job: error: {lost}", flush=True)
+        sys.exit(lost.exit_code)
     np.savez(os.path.join(out_dir, f"worker_{task}.npz"), *weights)
     with open(os.path.join(out_dir, f"logs_{task}.json"), "w") as f:
         json.dump({k: float(v) for k, v in logs.items()}, f)

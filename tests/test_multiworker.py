@@ -248,6 +248,26 @@ def test_lost_worker_stops_the_job(tmp_path, text_file, how):
     assert _no_processes_mention(str(model_dir)) == []
 
 
+def test_stuck_worker_is_caught_by_the_watchdog(tmp_path, data_dir):
+    """Worker 1 hangs in Python after step 5: alive, heartbeats flowing, but no
+    more collectives. Worker 0's watchdog aborts its collectives after
+    --collective_timeout (10 s here) and it exits 3 with one line."""
+    out = tmp_path / "out"
+    out.mkdir()
+    began = time.monotonic()
+    proc = _launch(["--num_workers=2", "--grace_seconds=2", "--", sys.executable, str(JOB),
+                    data_dir, str(out), "--stall_worker_1_at=5"], _env(tmp_path), timeout=180)
+    assert proc.returncode != 0
+    assert "[worker 1] stalling" in proc.stdout
+    assert re.search(r"^\[worker 0\] multiworker_job: error: no step finished \(every worker "
+                     r"still answers: one is stuck\) for --collective_timeout=10s", proc.stdout,
+                     re.M), proc.stdout[-3000:]
+    assert "Traceback" not in proc.stdout
+    assert "tfdp-launch: worker 0 (pid" in proc.stdout and "exit code 3" in proc.stdout
+    assert time.monotonic() - began < 120
+    assert _no_processes_mention(str(out)) == []
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

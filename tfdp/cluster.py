@@ -222,7 +222,6 @@ class Watchdog:
     def __init__(self, resolver, timeout: float):
         self.resolver, self.timeout = resolver, timeout
         self.last, self.active = time.monotonic(), False
-        self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._watch, daemon=True, name="tfdp-watchdog")
         self.thread.start()
 
@@ -240,7 +239,8 @@ class Watchdog:
 
     def _watch(self) -> None:
         own = (self.resolver.task_type, self.resolver.task_id)
-        while not self.stopped.wait(1.0):
+        while True:
+            time.sleep(1.0)
             if not self.active or time.monotonic() - self.last < self.timeout:
                 continue
             silent = [_name(*t) for t in _tasks(self.resolver)
@@ -250,11 +250,11 @@ class Watchdog:
             context.context().abort_collective_ops(
                 tf.errors.UNAVAILABLE,
                 f"tfdp watchdog: {reason} for --collective_timeout={self.timeout:g}s")
-            # A main thread stuck outside a collective cannot raise: exit anyway.
-            if not self.stopped.wait(30.0):
-                _die(f"{reason} for --collective_timeout={self.timeout:g}s; relaunch the job "
-                     "(training resumes from the last checkpoint)")
-            return
+            # The main thread raises and exits now, unless it is stuck outside
+            # a collective; then end the process from here.
+            time.sleep(30.0)
+            _die(f"{reason} for --collective_timeout={self.timeout:g}s; relaunch the job "
+                 "(training resumes from the last checkpoint)")
 
 
 # The watchdog of this process's multi-worker strategy (one per process, like

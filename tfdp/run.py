@@ -232,12 +232,14 @@ def _train_in(cfg: Config, strategy, model_dir: str, write_dir: str, callbacks, 
         f"{'(this worker: whole shard files) ' if train_split.shards is not None else ''}"
         f"of {cfg.seq_len + 1} {manifest['tokenizer']} tokens; "
         f"measured peak {peak / 1e9:.1f} GFLOP/s")
+    previous = _read_json(os.path.join(model_dir, "metrics.json"))
+    step = int(optimizer.iterations.numpy())
+    history = [h for h in previous.get("history", []) if h.get("step", 0) <= step]
     own = [ProgressLogger(cfg.train_steps, cfg.log_every, say),
-           ScalarSummaries(os.path.join(model_dir, "tensorboard"))] if chief else []
+           ScalarSummaries(os.path.join(model_dir, "tensorboard")),
+           _HistoryWriter(os.path.join(model_dir, "metrics.json"), history)] if chief else []
     trainer = Trainer(cfg, strategy, model, optimizer, train_split, val_split, manager,
                       own + list(callbacks), flops_per_token=fpt, peak_flops=peak)
-    previous = _read_json(os.path.join(model_dir, "metrics.json"))
-    history = [h for h in previous.get("history", []) if h.get("step", 0) <= trainer.step]
     if trainer.step >= cfg.train_steps:
         say(f"already trained to step {trainer.step} of --train_steps={cfg.train_steps}; "
             "raise --train_steps to continue")
@@ -272,6 +274,24 @@ def _train_in(cfg: Config, strategy, model_dir: str, write_dir: str, callbacks, 
     _write_text(os.path.join(write_dir, "sample.txt"), sample)
     say(sample)
     return metrics
+
+
+class _HistoryWriter(keras.callbacks.Callback):
+    """Keeps metrics.json's validation history current at every evaluation,
+    so the evaluations of a run that is interrupted survive its resume
+    (the full metrics replace it at the end)."""
+
+    def __init__(self, path: str, earlier: list[dict]):
+        super().__init__()
+        self.path, self.history, self.step = path, list(earlier), 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.step = batch + 1
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.history.append({"step": self.step, **(logs or {})})
+        _write_text(self.path, json.dumps({"step": self.step, "history": self.history},
+                                          indent=2))
 
 
 def _sample(cfg: Config, model, tokenizer, val_split: Split) -> str:

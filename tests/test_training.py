@@ -152,6 +152,32 @@ def test_interrupted_then_resumed_run_equals_a_straight_one(tmp_path, text_file)
     assert worst < 1e-5, f"resumed weights differ from the straight run by {worst}"
 
 
+def test_a_truncated_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, text_file):
+    run = tmp_path / "run"
+    common = dict(data=str(text_file), model_dir=str(run), eval_every=10, checkpoint_every=10,
+                  **TINY)
+    train(Config(train_steps=20, **common), log=_quiet)
+    newest = glob.glob(str(run / "checkpoints" / "ckpt-20.data-*"))
+    assert newest
+    for path in newest:  # what a crash in the middle of writing leaves
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
+    lines = []
+    metrics = train(Config(train_steps=30, **common), log=lines.append)
+    assert any("warning: checkpoint" in line and "ckpt-20" in line and "unreadable" in line
+               for line in lines), lines
+    assert any("resumed from step 10" in line for line in lines), lines
+    assert metrics["step"] == 30
+    # Nothing readable at all: a clear error, and the run directory is left alone.
+    for path in glob.glob(str(run / "checkpoints" / "ckpt-*.data-*")):
+        with open(path, "r+b") as f:
+            f.truncate(8)
+    before = sorted(os.listdir(run))
+    with pytest.raises(UserError, match="no checkpoint in .* can be read"):
+        train(Config(train_steps=40, **common), log=_quiet)
+    assert sorted(os.listdir(run)) == before
+
+
 @pytest.mark.slow
 def test_default_corpus_run_lowers_validation_loss(tmp_path):
     """The default job's data and model, fewer steps: validation loss must

@@ -137,6 +137,28 @@ def _check_same_tokenizer(data_tokenizer: str, run_tokenizer: str) -> None:
                         "--model_dir or the original data")
 
 
+def _restore_newest_readable(checkpoint: tf.train.Checkpoint, directory: str, say) -> None:
+    """Restore the newest checkpoint that reads back whole; a truncated or
+    corrupt newer one (a crash mid-write, a full disk) is skipped with a
+    warning, and the files stay for inspection."""
+    state = tf.train.get_checkpoint_state(directory)
+    paths = list(state.all_model_checkpoint_paths) if state else []
+    for i, path in enumerate(reversed(paths)):
+        try:
+            checkpoint.restore(path).assert_existing_objects_matched()
+        except (tf.errors.OpError, ValueError, AssertionError, IndexError, OSError) as err:
+            text = str(err).strip()
+            reason = text.splitlines()[0][:160] if text else type(err).__name__
+            say(f"warning: checkpoint {path} is unreadable ({reason}); "
+                + ("trying the previous one" if i + 1 < len(paths) else "none is left"))
+            continue
+        say(f"resumed from step {int(checkpoint.optimizer.iterations.numpy())} ({path})")
+        return
+    if paths:
+        raise UserError(f"no checkpoint in {directory} can be read; move that model_dir "
+                        "aside and start a new run")
+
+
 def _check_same_step(strategy, iterations) -> None:
     """Every worker must resume from the same step, which needs a model_dir
     that all of them read (a shared file system); refuse when they differ.
@@ -212,10 +234,7 @@ def _train_in(cfg: Config, strategy, model_dir: str, write_dir: str, callbacks, 
     checkpoint = tf.train.Checkpoint(backbone=model.backbone, optimizer=optimizer)
     manager = tf.train.CheckpointManager(checkpoint, os.path.join(write_dir, "checkpoints"),
                                          max_to_keep=cfg.keep_checkpoints)
-    latest = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
-    if latest:
-        checkpoint.restore(latest).assert_existing_objects_matched()
-        say(f"resumed from step {int(optimizer.iterations.numpy())} ({latest})")
+    _restore_newest_readable(checkpoint, os.path.join(model_dir, "checkpoints"), say)
     _check_same_step(strategy, optimizer.iterations)
     # Only now, with data, model and checkpoint known to fit, is the run recorded.
     os.makedirs(write_dir, exist_ok=True)

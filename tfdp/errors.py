@@ -21,3 +21,13 @@ class ClusterError(UserError):
     """
 
     exit_code = 3
+
+
+class Preempted(UserError):
+    """SIGTERM (a scheduler's preemption) stopped training after a checkpoint.
+
+    Its exit code, 75 (EX_TEMPFAIL: "try again later"), tells schedulers and
+    scripts that rerunning the same command resumes the run.
+    """
+
+    exit_code = 75

@@ -211,8 +211,11 @@ class Launcher:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         if interrupted:
+            # Workers that stopped cleanly on SIGTERM (tfdp-train: 75, after a
+            # checkpoint) report their own code.
+            codes = [_exit_code(p.returncode) for p in self.procs if p.returncode]
             self.say(f"interrupted by signal {interrupted[0]}; workers stopped")
-            return 128 + interrupted[0]
+            return codes[0] if codes else 128 + interrupted[0]
         if first_failure is not None:
             return code
         self.say(f"all {self.num_workers} worker(s) finished")

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import collections
 import math
+import signal
 import time
 
 import keras
 import tensorflow as tf
 
 from tfdp import cluster
-from tfdp.errors import UserError
+from tfdp.errors import Preempted, UserError
 from tfdp.dataset import Split, eval_dataset_fn, eval_steps_for, train_dataset_fn
 from tfdp.step import make_eval_step, make_train_step
 
@@ -44,6 +45,7 @@ class Trainer:
         # validation split's own token/byte ratio from the manifest.
         self.tokens_per_byte = val.num_tokens / max(val.num_bytes, 1)
         self.history: list[dict] = []
+        self._sigterm: list[int] = []  # appended to by the SIGTERM handler
 
     @property
     def step(self) -> int:
@@ -69,7 +71,23 @@ class Trainer:
         return logs
 
     def fit(self) -> dict:
-        """Train from the current step to `train_steps`; return the last epoch's logs."""
+        """Train from the current step to `train_steps`; return the last epoch's logs.
+
+        SIGTERM (what Kubernetes and SLURM send before they kill) lets the
+        current step finish; then every worker saves a checkpoint at that
+        step and raises Preempted (exit code 75).
+        """
+        self._sigterm = []
+        try:
+            previous = signal.signal(signal.SIGTERM, lambda *_: self._sigterm.append(1))
+        except ValueError:  # not the main thread: leave signals alone
+            return self._fit()
+        try:
+            return self._fit()
+        finally:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+    def _fit(self) -> dict:
         cfg = self.cfg
         start = self.step
         dataset = self.strategy.distribute_datasets_from_function(
@@ -90,7 +108,7 @@ class Trainer:
             learning_rate = float(self.optimizer.learning_rate.numpy())
             began = time.perf_counter()
             with cluster.watching():  # a lost peer cannot hold this step forever
-                out = self.train_step(iterator)
+                out = self.train_step(iterator, tf.constant(float(bool(self._sigterm))))
                 loss = float(out["loss"])  # also waits for the step to finish
             seconds = time.perf_counter() - began
             if step > start:  # the first step includes tracing and compilation
@@ -124,9 +142,13 @@ class Trainer:
                 epoch_losses = []
                 self.history.append({"step": step, **epoch_logs})
                 self.callbacks.on_epoch_end((step - 1) // cfg.eval_every, epoch_logs)
+            preempted = bool(out["stop"])  # some worker got SIGTERM: all stop here
             stop = bool(getattr(self.model, "stop_training", False))  # e.g. EarlyStopping
-            if stop or step % cfg.checkpoint_every == 0 or step == cfg.train_steps:
+            if stop or preempted or step % cfg.checkpoint_every == 0 or step == cfg.train_steps:
                 self.checkpoints.save(checkpoint_number=step)
+            if preempted:
+                raise Preempted(f"stopped by SIGTERM after step {step}, checkpoint saved; run "
+                                "the same command again to resume")
             if stop:
                 break
         self.callbacks.on_train_end(epoch_logs)

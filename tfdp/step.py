@@ -31,7 +31,9 @@ def _token_losses(model, windows, training: bool):
 def make_train_step(strategy, model, optimizer, global_batch_size: int, seq_len: int,
                     clip_norm: float, jit_compile: bool = True,
                     all_reduce_dtype: str = "float32"):
-    """Return a tf.function(iterator) -> {"loss", "grad_norm"} running one step.
+    """Return a tf.function(iterator, stop) -> {"loss", "grad_norm", "stop"} running
+    one step; `stop` (float 0/1) is this worker's request to stop, "stop" says
+    whether any worker made one.
 
     `all_reduce_dtype="bfloat16"` sends the gradients across replicas in
     bfloat16 (half the bytes, ~3 significant digits per summand), then
@@ -47,30 +49,33 @@ def make_train_step(strategy, model, optimizer, global_batch_size: int, seq_len:
             loss = tf.reduce_sum(_token_losses(model, windows, training=True)) / global_tokens
         return loss, tape.gradient(loss, variables)
 
-    def replica_step(windows):
+    def replica_step(windows, stop):
         loss, grads = forward_backward(windows)
+        stop = tf.zeros_like(loss) + stop  # a value of this replica (all_reduce needs one)
         # ONE collective per step: the loss rides in the gradients' all-reduce
         # (packed into one buffer), so across workers a step pays one network
         # round trip, not three (gradients, loss, norm).
         replica = tf.distribute.get_replica_context()
+        # `stop` (this worker was asked to stop: SIGTERM) rides along too, so
+        # every worker learns of any stop request in the same step.
         if wire == tf.float32:
-            *grads, loss = replica.all_reduce(SUM, [*grads, loss])
+            *grads, loss, stop = replica.all_reduce(SUM, [*grads, loss, stop])
         else:
             sent = replica.all_reduce(SUM, [tf.cast(g, wire) for g in grads])
             grads = [tf.cast(g, tf.float32) for g in sent]
-            loss = replica.all_reduce(SUM, loss)
+            loss, stop = replica.all_reduce(SUM, [loss, stop])
         norm = tf.linalg.global_norm(grads)
         if clip_norm > 0:
             grads, _ = tf.clip_by_global_norm(grads, clip_norm, use_norm=norm)
         optimizer.apply_gradients(zip(grads, variables))
-        return loss, norm
+        return loss, norm, stop
 
     @tf.function
-    def train_step(iterator):
-        loss, norm = strategy.run(replica_step, args=(next(iterator),))
-        # After the all-reduce every replica holds the same loss and norm.
-        return {"loss": strategy.experimental_local_results(loss)[0],
-                "grad_norm": strategy.experimental_local_results(norm)[0]}
+    def train_step(iterator, stop=tf.constant(0.0)):
+        loss, norm, stop = strategy.run(replica_step, args=(next(iterator), stop))
+        # After the all-reduce every replica holds the same loss, norm and stop.
+        first = strategy.experimental_local_results
+        return {"loss": first(loss)[0], "grad_norm": first(norm)[0], "stop": first(stop)[0] > 0}
     return train_step
 
 

@@ -1,0 +1,77 @@
+"""SIGTERM (a scheduler's preemption): finish the step, checkpoint, exit 75, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from test_multiworker import TINY, _env, _no_processes_mention
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+
+
+def _start(cmd, tmp_path):
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=_env(tmp_path))
+
+
+def _wait_for(proc, pattern: str, lines: list[str], limit: float = 240) -> None:
+    deadline = time.monotonic() + limit
+    for line in proc.stdout:
+        lines.append(line)
+        if re.search(pattern, line) or time.monotonic() > deadline:
+            return
+
+
+def _train_args(text_file, model_dir):
+    return [f"--data={text_file}", f"--model_dir={model_dir}", *TINY, "--train_steps=100000",
+            "--eval_every=100000", "--checkpoint_every=100000", "--collective_timeout=60"]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigterm_checkpoints_the_current_step_and_exits_75(tmp_path, text_file, workers):
+    model_dir = tmp_path / "run"
+    if workers == 1:
+        cmd = [str(BIN / "tfdp-train"), *_train_args(text_file, model_dir)]
+    else:
+        cmd = [str(BIN / "tfdp-launch"), f"--num_workers={workers}", "--",
+               "tfdp-train", *_train_args(text_file, model_dir)]
+    proc = _start(cmd, tmp_path)
+    lines: list[str] = []
+    try:
+        _wait_for(proc, r"step 5/", lines)
+        assert any("step 5/" in line for line in lines), "".join(lines)
+        proc.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        rest, _ = proc.communicate(timeout=60)
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    output = "".join(lines) + rest
+    assert proc.returncode == 75, output[-3000:]
+    assert took < 30, took
+    assert "Traceback" not in output
+    stopped = re.search(r"error: stopped by SIGTERM after step (\d+), checkpoint saved", output)
+    assert stopped, output[-3000:]
+    step = int(stopped.group(1))
+    assert (model_dir / "checkpoints" / f"ckpt-{step}.index").exists()
+    assert _no_processes_mention(str(model_dir)) == []
+    # The same command resumes from that step.
+    again = subprocess.run([str(BIN / "tfdp-train"),
+                            *_train_args(text_file, model_dir)[:-4], f"--train_steps={step + 2}",
+                            "--eval_every=100000", "--checkpoint_every=100000"],
+                           capture_output=True, text=True, timeout=240, env=_env(tmp_path))
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"resumed from step {step}" in again.stdout
+    assert json.loads((model_dir / "metrics.json").read_text())["step"] == step + 2

@@ -77,7 +77,7 @@ if __name__ == "__main__":
         weights, logs = train_weights(strategy, data_dir, os.path.join(out_dir, f"ckpt_{task}"),
                                       cfg, [_Stall(stall[0])] if stall and task == 1 else [])
     except tf.errors.OpError as err:  # as tfdp.run.train reports a lost or stuck peer
-        from tfdp.cluster import peer_failure
+        from tfdp.watchdog import peer_failure
         lost = peer_failure(err)
         if lost is None:
             raise

@@ -80,7 +80,7 @@ class Config:
     num_cpu_replicas: int = 2
     jit_compile: bool = True
     # Multi-worker: how long a dead, frozen or missing worker may hold up the
-    # others (tfdp/cluster.py), and the first port of each SLURM node's tasks.
+    # others (tfdp/watchdog.py), and the first port of each SLURM node's tasks.
     collective_timeout: float = 600.0
     input_sharding: str = "auto"  # whole shard files per worker when possible
     all_reduce_dtype: str = "float32"  # bfloat16 halves the bytes (benchmarks/weak_scaling.py)
@@ -105,12 +105,12 @@ class Config:
         if self.vocab_size is not None and self.vocab_size <= 0:
             raise UserError(f"--vocab_size={self.vocab_size} must be a positive integer "
                             "(or omitted for the tokenizer's default)")
-        if self.strategy not in STRATEGIES:
-            raise UserError(f"--strategy={self.strategy!r} is unknown; "
-                            f"use one of {', '.join(STRATEGIES)}")
-        if self.tokenizer not in TOKENIZERS:
-            raise UserError(f"--tokenizer={self.tokenizer!r} is unknown; "
-                            f"use one of {', '.join(TOKENIZERS)}")
+        for name, choices in (("strategy", STRATEGIES), ("tokenizer", TOKENIZERS),
+                              ("input_sharding", INPUT_SHARDING),
+                              ("all_reduce_dtype", ALL_REDUCE_DTYPES)):
+            if getattr(self, name) not in choices:
+                raise UserError(f"--{name}={getattr(self, name)!r} is unknown; "
+                                f"use one of {', '.join(choices)}")
         if not 0.0 < self.val_fraction < 1.0:
             raise UserError(f"--val_fraction={self.val_fraction} must be between 0 and 1 "
                             "(exclusive), e.g. 0.02")
@@ -126,12 +126,6 @@ class Config:
         if self.hidden_dim % self.num_heads:
             raise UserError(f"--hidden_dim={self.hidden_dim} is not divisible by "
                             f"--num_heads={self.num_heads}; pick values that divide")
-        if self.input_sharding not in INPUT_SHARDING:
-            raise UserError(f"--input_sharding={self.input_sharding!r} is unknown; "
-                            f"use one of {', '.join(INPUT_SHARDING)}")
-        if self.all_reduce_dtype not in ALL_REDUCE_DTYPES:
-            raise UserError(f"--all_reduce_dtype={self.all_reduce_dtype!r} is unknown; "
-                            f"use one of {', '.join(ALL_REDUCE_DTYPES)}")
         if self.collective_timeout <= 0:
             raise UserError(f"--collective_timeout={self.collective_timeout} must be a positive "
                             "number of seconds, e.g. 600")

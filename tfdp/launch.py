@@ -10,7 +10,7 @@ The launcher
     which is how one machine imitates several in tests and benchmarks;
   * returns the first non-zero exit code (0 when all succeed);
   * when one worker fails, gives the others `grace` seconds to stop on their
-    own (they notice the lost peer: tfdp/cluster.py), then SIGTERM, then
+    own (they notice the lost peer: tfdp/watchdog.py), then SIGTERM, then
     SIGKILL, so nothing is left running;
   * forwards SIGINT/SIGTERM to the workers, and sets PR_SET_PDEATHSIG so the
     kernel kills them if the launcher itself is killed.

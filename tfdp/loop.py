@@ -17,7 +17,8 @@ import time
 import keras
 import tensorflow as tf
 
-from tfdp import cluster
+from tfdp import watchdog
+from tfdp.cluster import input_pipeline
 from tfdp.errors import Preempted, UserError
 from tfdp.dataset import Split, eval_dataset_fn, eval_steps_for, train_dataset_fn
 from tfdp.step import make_eval_step, make_train_step
@@ -39,7 +40,7 @@ class Trainer:
                                           cfg.all_reduce_dtype)
         self.eval_step = make_eval_step(strategy, model, cfg.jit_compile)
         self.eval_steps = eval_steps_for(val, cfg.global_batch_size, cfg.eval_steps,
-                                         cluster.input_pipeline(strategy)[1])
+                                         input_pipeline(strategy)[1])
         self.tokens_per_step = cfg.global_batch_size * cfg.seq_len
         # Bits per byte = nats per token * tokens per byte / ln 2, with the
         # validation split's own token/byte ratio from the manifest.
@@ -57,12 +58,12 @@ class Trainer:
             eval_dataset_fn(self.val, self.cfg.global_batch_size, self.eval_steps))
         self.callbacks.on_test_begin()
         total, count = 0.0, 0.0
-        with cluster.watching():
+        with watchdog.watching():
             for i, batch in enumerate(dataset):
                 self.callbacks.on_test_batch_begin(i)
                 loss_sum, n = self.eval_step(batch)
                 total, count = total + float(loss_sum), count + float(n)
-                cluster.beat()
+                watchdog.beat()
                 self.callbacks.on_test_batch_end(i, {"loss": total / max(count, 1.0)})
         loss = total / max(count, 1.0)
         logs = {"val_loss": loss, "val_perplexity": math.exp(min(loss, 700.0)),
@@ -107,7 +108,7 @@ class Trainer:
             self.callbacks.on_train_batch_begin(step)
             learning_rate = float(self.optimizer.learning_rate.numpy())
             began = time.perf_counter()
-            with cluster.watching():  # a lost peer cannot hold this step forever
+            with watchdog.watching():  # a lost peer cannot hold this step forever
                 out = self.train_step(iterator, tf.constant(float(bool(self._sigterm))))
                 loss = float(out["loss"])  # also waits for the step to finish
             seconds = time.perf_counter() - began

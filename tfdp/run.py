@@ -28,8 +28,9 @@ import keras
 import tensorflow as tf
 
 import data as recipes
-from tfdp import cluster
+from tfdp import cluster, watchdog
 from tfdp.callbacks import ProgressLogger, ScalarSummaries
+from tfdp.checkpoints import check_same_step, restore_newest_readable
 from tfdp.config import Config
 from tfdp.dataset import Split, shard_files
 from tfdp.errors import UserError
@@ -41,8 +42,6 @@ from tfdp.optimizer import build_optimizer
 from tfdp.prepare import is_prepared, load_manifest, prepare
 from tfdp.strategy import build_strategy, is_chief
 from tfdp.tokenizers import load_tokenizer
-
-SUM = tf.distribute.ReduceOp.SUM
 
 
 def _saved_config(model_dir: str) -> Config | None:
@@ -137,49 +136,6 @@ def _check_same_tokenizer(data_tokenizer: str, run_tokenizer: str) -> None:
                         "--model_dir or the original data")
 
 
-def _restore_newest_readable(checkpoint: tf.train.Checkpoint, directory: str, say) -> None:
-    """Restore the newest checkpoint that reads back whole; a truncated or
-    corrupt newer one (a crash mid-write, a full disk) is skipped with a
-    warning, and the files stay for inspection."""
-    state = tf.train.get_checkpoint_state(directory)
-    paths = list(state.all_model_checkpoint_paths) if state else []
-    for i, path in enumerate(reversed(paths)):
-        try:
-            checkpoint.restore(path).assert_existing_objects_matched()
-        except (tf.errors.OpError, ValueError, AssertionError, IndexError, OSError) as err:
-            text = str(err).strip()
-            reason = text.splitlines()[0][:160] if text else type(err).__name__
-            say(f"warning: checkpoint {path} is unreadable ({reason}); "
-                + ("trying the previous one" if i + 1 < len(paths) else "none is left"))
-            continue
-        say(f"resumed from step {int(checkpoint.optimizer.iterations.numpy())} ({path})")
-        return
-    if paths:
-        raise UserError(f"no checkpoint in {directory} can be read; move that model_dir "
-                        "aside and start a new run")
-
-
-def _check_same_step(strategy, iterations) -> None:
-    """Every worker must resume from the same step, which needs a model_dir
-    that all of them read (a shared file system); refuse when they differ.
-
-    Steps x_i of n replicas are all equal iff n * sum(x_i^2) == (sum x_i)^2.
-    """
-    if cluster.num_tasks(getattr(strategy, "cluster_resolver", None)) <= 1:
-        return
-
-    def moments():
-        step = tf.cast(iterations, tf.float64)
-        return tf.distribute.get_replica_context().all_reduce(SUM, [step, step * step])
-    total, squares = (strategy.experimental_local_results(v)[0]
-                      for v in tf.function(lambda: strategy.run(moments))())
-    n = strategy.num_replicas_in_sync
-    if float(total) ** 2 != n * float(squares):
-        raise UserError(f"the workers found different checkpoints in --model_dir (this one: "
-                        f"step {int(iterations.numpy())}); model_dir must be on a file system "
-                        "that every worker reads (NFS, a cloud bucket, ...)")
-
-
 def train(cfg: Config, callbacks=(), log=print) -> dict:
     """Run (or resume) training as configured; return the final metrics."""
     cfg = cfg.validate()
@@ -206,7 +162,7 @@ def train(cfg: Config, callbacks=(), log=print) -> dict:
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
     except tf.errors.OpError as err:
-        lost = cluster.peer_failure(err)  # a dead or stuck peer: one line, not a traceback
+        lost = watchdog.peer_failure(err)  # a dead or stuck peer: one line, not a traceback
         if lost is None:
             raise
         raise lost from None
@@ -234,8 +190,8 @@ def _train_in(cfg: Config, strategy, model_dir: str, write_dir: str, callbacks, 
     checkpoint = tf.train.Checkpoint(backbone=model.backbone, optimizer=optimizer)
     manager = tf.train.CheckpointManager(checkpoint, os.path.join(write_dir, "checkpoints"),
                                          max_to_keep=cfg.keep_checkpoints)
-    _restore_newest_readable(checkpoint, os.path.join(model_dir, "checkpoints"), say)
-    _check_same_step(strategy, optimizer.iterations)
+    restore_newest_readable(checkpoint, os.path.join(model_dir, "checkpoints"), say)
+    check_same_step(strategy, optimizer.iterations)
     # Only now, with data, model and checkpoint known to fit, is the run recorded.
     os.makedirs(write_dir, exist_ok=True)
     _write_text(os.path.join(write_dir, "config.json"), cfg.to_json())

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from tfdp import cluster
+from tfdp import cluster, watchdog
 from tfdp.config import STRATEGIES
 from tfdp.errors import UserError
 
@@ -85,12 +85,12 @@ def _multi_worker(resolver, timeout: float) -> tf.distribute.Strategy:
     """MultiWorkerMirroredStrategy that cannot wait forever for its peers."""
     cluster.check_own_port(resolver)
     cluster.configure_coordination(resolver, timeout)
-    join = cluster.join_watchdog(resolver, timeout)
+    join = watchdog.join_watchdog(resolver, timeout)
     try:
         strategy = tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
     finally:
         join.communicate(b"joined\n")
-    cluster.start_watchdog(resolver, timeout)
+    watchdog.start_watchdog(resolver, timeout)
     return strategy
 
 

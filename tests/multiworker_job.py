@@ -21,6 +21,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tfdp.checkpoints import make_checkpoint
 from tfdp.config import Config
 from tfdp.loop import Trainer
 from tfdp.model import build_model
@@ -56,8 +57,7 @@ def train_weights(strategy, data_dir: str, checkpoint_dir: str, cfg: Config = CF
         keras.utils.set_random_seed(cfg.seed)
         model = build_model(cfg, load_manifest(data_dir)["vocab_size"])
         optimizer = build_optimizer(cfg, model.trainable_variables)
-    manager = tf.train.CheckpointManager(
-        tf.train.Checkpoint(backbone=model.backbone, optimizer=optimizer), checkpoint_dir, 1)
+    manager = tf.train.CheckpointManager(make_checkpoint(model, optimizer, 1), checkpoint_dir, 1)
     logs = Trainer(cfg, strategy, model, optimizer, train, val, manager, callbacks).fit()
     return model.get_weights(), logs
 

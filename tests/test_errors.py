@@ -85,6 +85,8 @@ def train_cli(model_dir: Path, *flags: str, env=None):
     ({"slurm_port_base": 80}, "--slurm_port_base=80"),
     ({"input_sharding": "files"}, "--input_sharding='files'"),
     ({"all_reduce_dtype": "float16"}, "--all_reduce_dtype='float16'"),
+    ({"skip_nonfinite_steps": -1}, "--skip_nonfinite_steps=-1"),
+    ({"preemption_grace_seconds": 0}, "--preemption_grace_seconds=0"),
 ])
 def test_config_validate_rejects(overrides, flag):
     with pytest.raises(UserError) as err:
@@ -104,11 +106,12 @@ def test_hidden_dim_message_names_both_flags():
         Config(hidden_dim=30, num_heads=4).validate()
 
 
-def test_check_resumable_names_the_changed_field():
+def test_resume_conflicts_name_the_changed_field():
     saved = Config(hidden_dim=32, model_dir="/x")
-    Config(hidden_dim=32, model_dir="/x", train_steps=99).check_resumable(saved)  # fine
-    with pytest.raises(UserError, match=r"--hidden_dim=32 \(now 64\)"):
-        Config(hidden_dim=64, model_dir="/x").check_resumable(saved)
+    assert Config(hidden_dim=32, model_dir="/x", train_steps=99,
+                  overwrite=True).resume_conflicts(saved) is None
+    assert "--hidden_dim=32 (now 64)" in Config(hidden_dim=64, model_dir="/x") \
+        .resume_conflicts(saved)
 
 
 # --- in-process: TF_CONFIG --------------------------------------------------
@@ -226,22 +229,39 @@ def test_train_in_process_errors(tmp_path, train_in_process, case, message):
 @pytest.mark.parametrize("case, message", [
     ("a_file", "is a file, not a directory"),
     ("not_a_run", "is not empty and holds no tfdp run"),
+    ("not_a_run_overwrite", "is not empty and holds no tfdp run"),  # never deleted
     ("corrupt_config", "config.json is unreadable"),
+    ("under_a_file", "cannot be created: .*/parent is a file"),
+    ("read_only", r"is not writable \(.*/parent: permission denied\)"),
 ])
 def test_train_in_process_refuses_model_dir(tmp_path, text_file, train_in_process,
                                             case, message):
     model_dir = tmp_path / "M"
     if case == "a_file":
         model_dir.write_text("mine")
+    elif case in ("under_a_file", "read_only"):
+        parent = tmp_path / "parent"
+        model_dir = parent / "runs" / "M"
+        if case == "under_a_file":
+            parent.write_text("mine")
+        else:
+            if os.geteuid() == 0:
+                pytest.skip("permissions do not bind root")
+            parent.mkdir()
+            parent.chmod(0o555)
     else:
         model_dir.mkdir()
-        name = "notes.txt" if case == "not_a_run" else "config.json"
+        name = "config.json" if case == "corrupt_config" else "notes.txt"
         (model_dir / name).write_text("{mine")
-    before = snapshot(model_dir) if model_dir.is_dir() else model_dir.read_text()
-    with pytest.raises(UserError, match=message):
-        train_in_process(Config(data=str(text_file), model_dir=str(model_dir)))
-    after = snapshot(model_dir) if model_dir.is_dir() else model_dir.read_text()
-    assert after == before
+    before = snapshot(tmp_path)
+    try:
+        with pytest.raises(UserError, match=message):
+            train_in_process(Config(data=str(text_file), model_dir=str(model_dir),
+                                    overwrite=case.endswith("overwrite")))
+    finally:
+        if case == "read_only":
+            parent.chmod(0o755)
+    assert snapshot(tmp_path) == before
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".tfdp-")]
 
 

@@ -127,13 +127,24 @@ class _Crash(keras.callbacks.Callback):
             raise KeyboardInterrupt
 
 
+def _logged_steps(logdir, tag: str = "loss") -> list[int]:
+    """The steps of every `tag` scalar in a TensorBoard directory, in file order."""
+    import tensorflow as tf
+    steps = []
+    for path in sorted(glob.glob(os.path.join(logdir, "events.out.tfevents.*"))):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            steps += [event.step for v in event.summary.value if v.tag == tag]
+    return steps
+
+
 def test_interrupted_then_resumed_run_equals_a_straight_one(tmp_path, text_file):
     """40 steps straight vs a run that dies at step 27 (last checkpoint: 20)
     and is restarted with the same command: same weights, same step, and the
-    validation history holds each evaluation once."""
+    validation history and TensorBoard hold each step once. Dropout is on,
+    so this also needs the dropout RNG state from the checkpoint."""
     import numpy as np
     common = dict(data=str(text_file), train_steps=40, eval_every=10, checkpoint_every=10,
-                  learning_rate=1e-2, **TINY)
+                  learning_rate=1e-2, **{**TINY, "dropout": 0.1})
     straight = train(Config(model_dir=str(tmp_path / "straight"), **common), log=_quiet)
     crashed = str(tmp_path / "crashed")
     with pytest.raises(KeyboardInterrupt):
@@ -150,6 +161,38 @@ def test_interrupted_then_resumed_run_equals_a_straight_one(tmp_path, text_file)
     b = load_trained(crashed)[0].get_weights()
     worst = max(float(np.max(np.abs(x - y))) for x, y in zip(a, b))
     assert worst < 1e-5, f"resumed weights differ from the straight run by {worst}"
+    assert sorted(_logged_steps(os.path.join(crashed, "tensorboard", "train"))) == \
+        list(range(1, 41))
+    assert _logged_steps(os.path.join(crashed, "tensorboard", "val")) == [10, 20, 30, 40]
+
+
+def test_resumed_tensorboard_logs_drop_the_steps_trained_again(tmp_path):
+    """Events logged after the last checkpoint are dropped on resume, also
+    after a crash part-way through an earlier rewrite."""
+    import tensorflow as tf
+    from tfdp.callbacks import drop_events_after
+
+    def log(steps):
+        writer = tf.summary.create_file_writer(str(tmp_path))
+        with writer.as_default():
+            for step in steps:
+                tf.summary.scalar("loss", 1.0 / step, step=step)
+        writer.close()
+    log(range(1, 28))  # crashed at 27, last checkpoint at 20
+    drop_events_after(str(tmp_path), 20)
+    assert _logged_steps(tmp_path) == list(range(1, 21))
+    log(range(21, 38))  # crashed again at 37, checkpoint 30
+    before = sorted(os.listdir(tmp_path))
+    drop_events_after(str(tmp_path), 30)
+    assert _logged_steps(tmp_path) == list(range(1, 31))
+    assert sorted(os.listdir(tmp_path)) == before[:1]  # kept events replace the oldest file
+    # A crash after the kept file replaced the oldest one but before the
+    # others were deleted: the next rewrite still keeps each step once.
+    log(range(25, 34))
+    drop_events_after(str(tmp_path), 30)
+    assert _logged_steps(tmp_path) == list(range(1, 31))
+    drop_events_after(str(tmp_path), 30)  # nothing later than 30: untouched
+    assert _logged_steps(tmp_path) == list(range(1, 31))
 
 
 def test_a_truncated_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, text_file):
@@ -213,11 +256,29 @@ def test_resume_refuses_data_with_another_tokenizer(tmp_path, text_file):
     import shutil
     shutil.rmtree(prepared)
     prepare([text_file], str(prepared), "char", 20, 0.1, log=_quiet)
-    with pytest.raises(UserError, match="tokenizer of the --data given differs"):
+    with pytest.raises(UserError, match="was trained with another tokenizer than the one in "
+                                        "--data=.*or pass --overwrite to discard that run"):
         train(Config(train_steps=8, **common), log=_quiet)
     assert (tmp_path / "run" / "config.json").read_text() == config_before
     assert json.loads((tmp_path / "run" / "tokenizer" / "tokenizer.json").read_text())[
         "vocab_size"] == 16
+
+    # --overwrite discards that run (and only tfdp's files) and starts afresh.
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    lines = []
+    metrics = train(Config(train_steps=4, overwrite=True, **common), log=lines.append)
+    assert any("--overwrite: discarded the earlier run" in line for line in lines)
+    assert not any("resumed from" in line for line in lines)
+    assert metrics["vocab_size"] == 20 and metrics["history"][0]["step"] == 4
+    assert json.loads((tmp_path / "run" / "tokenizer" / "tokenizer.json").read_text())[
+        "vocab_size"] == 20
+    assert (tmp_path / "run" / "notes.txt").read_text() == "mine"
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".tfdp-")]
+    # A compatible run is resumed even with --overwrite (a scheduler's restart
+    # repeats the command line).
+    lines = []
+    train(Config(train_steps=6, overwrite=True, **common), log=lines.append)
+    assert any("resumed from step 4" in line for line in lines)
 
 
 def test_a_foreign_manifest_is_not_prepared_data(tmp_path):

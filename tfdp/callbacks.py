@@ -11,6 +11,7 @@ carry both the train metrics and `val_loss`, `val_perplexity`,
 
 from __future__ import annotations
 
+import glob
 import os
 
 import keras
@@ -52,10 +53,17 @@ class ProgressLogger(keras.callbacks.Callback):
 
 class ScalarSummaries(keras.callbacks.Callback):
     """Writes every numeric log to TensorBoard under `logdir/train` and `logdir/val`,
-    indexed by training step."""
+    indexed by training step.
 
-    def __init__(self, logdir: str):
+    A run resumed at `start_step` first drops what an interrupted run logged
+    after its last checkpoint: those steps are trained again, and TensorBoard
+    would otherwise show them twice.
+    """
+
+    def __init__(self, logdir: str, start_step: int = 0):
         super().__init__()
+        for split in ("train", "val"):
+            drop_events_after(os.path.join(logdir, split), start_step)
         self.train_writer = tf.summary.create_file_writer(os.path.join(logdir, "train"))
         self.val_writer = tf.summary.create_file_writer(os.path.join(logdir, "val"))
         self.step = 0
@@ -77,3 +85,37 @@ class ScalarSummaries(keras.callbacks.Callback):
     def on_train_end(self, logs=None):
         self.train_writer.close()
         self.val_writer.close()
+
+
+def drop_events_after(logdir: str, step: int) -> None:
+    """Rewrite the event files in `logdir` keeping only events up to `step`,
+    each (step, tag) once; untouched when nothing is later than `step`.
+
+    The kept events replace the oldest file (so they sort before any file a
+    new writer starts) and the other files are deleted after that, so a crash
+    part-way loses nothing: the next resume rewrites again, without repeats.
+    """
+    files = sorted(glob.glob(os.path.join(logdir, "events.out.tfevents.*")))
+    events = []
+    for path in files:
+        try:
+            for record in tf.data.TFRecordDataset(path):
+                events.append(tf.compat.v1.Event.FromString(record.numpy()))
+        except tf.errors.DataLossError:  # a record cut short by the crash: keep what came before
+            pass
+    if not any(e.step > step for e in events):
+        return
+    kept, seen = [], set()
+    for event in events:
+        key = (event.step, tuple(v.tag for v in event.summary.value)) if event.HasField(
+            "summary") else ("meta", event.WhichOneof("what"))
+        if event.step <= step and key not in seen:
+            seen.add(key)
+            kept.append(event)
+    staged = os.path.join(logdir, ".kept-events.tmp")
+    with tf.io.TFRecordWriter(staged) as writer:
+        for event in kept:
+            writer.write(event.SerializeToString())
+    os.replace(staged, files[0])
+    for path in files[1:]:
+        os.remove(path)

@@ -1,12 +1,19 @@
-"""Resuming from model_dir/checkpoints: the newest readable checkpoint, the
-same one on every worker.
+"""What a checkpoint holds, saving it, and resuming from the newest
+readable one, the same one on every worker.
 
-Checkpoints themselves are written by tf.train.CheckpointManager (index and
-data files first, the `checkpoint` state file last), by the chief into
-model_dir and by other workers into scratch directories (tfdp/run.py).
+Checkpoints are written by tf.train.CheckpointManager: TensorFlow writes
+into `ckpt-N_temp/` and renames the finished files to `ckpt-N.*`, and the
+`checkpoint` state file naming the latest is rewritten (via a temporary
+name) only after that, so a crash mid-write never leaves a "latest" that
+cannot be read. The chief writes into model_dir, other workers into
+scratch directories (tfdp/run.py).
 """
 
 from __future__ import annotations
+
+import glob
+import os
+import shutil
 
 import tensorflow as tf
 
@@ -14,6 +21,46 @@ from tfdp.cluster import num_tasks
 from tfdp.errors import UserError
 
 SUM = tf.distribute.ReduceOp.SUM
+
+
+def make_checkpoint(model, optimizer, input_pipelines: int) -> tf.train.Checkpoint:
+    """Everything that decides the rest of training, so a resumed run goes on
+    exactly as an uninterrupted one would:
+
+    - backbone: the weights;
+    - optimizer: Adam moments and `iterations`, the step counter, from which
+      the learning-rate schedule and the data position follow;
+    - rng: the dropout layers' seed-generator states (keras-hub's backbone
+      does not track them, so they would restart from their initial values);
+    - nonfinite_steps: updates skipped so far under --skip_nonfinite_steps;
+    - input_pipelines: how many pipelines read the data when it was written
+      (with whole shard files per worker the data order depends on it).
+    """
+    rng = {f"seed_{i}": v for i, v in enumerate(model.non_trainable_variables)
+           if "seed_generator_state" in v.path}
+    return tf.train.Checkpoint(
+        backbone=model.backbone, optimizer=optimizer, rng=rng,
+        nonfinite_steps=tf.Variable(0, dtype=tf.int64, trainable=False),
+        input_pipelines=tf.Variable(input_pipelines, dtype=tf.int64, trainable=False))
+
+
+def save(manager: tf.train.CheckpointManager, step: int) -> None:
+    """Save the checkpoint of `step`; a failing write (full disk, lost
+    permissions) becomes one clear error, leaving the earlier checkpoints
+    and the `checkpoint` state file as they were."""
+    try:
+        manager.save(checkpoint_number=step)
+    except (tf.errors.OpError, OSError) as err:
+        text = getattr(err, "message", None) or str(err)
+        reason = text.strip().splitlines()[-1].split("; ")[-1][:160] if text.strip() else ""
+        for partial in glob.glob(os.path.join(manager.directory, f"ckpt-{step}_temp*")):
+            shutil.rmtree(partial, ignore_errors=True)
+        latest = manager.latest_checkpoint
+        kept = (f"resuming will start from {os.path.basename(latest)}" if latest
+                else "no earlier checkpoint exists")
+        raise UserError(f"could not save the checkpoint of step {step} in {manager.directory} "
+                        f"({reason or type(err).__name__}); {kept}: free space or fix the "
+                        "permissions, then run the same command again") from None
 
 
 def restore_newest_readable(checkpoint: tf.train.Checkpoint, directory: str, say) -> None:

@@ -71,6 +71,10 @@ class Config:
     eval_steps: int = 0  # 0: the whole validation split
     checkpoint_every: int = 250
     keep_checkpoints: int = 3
+    # Fault tolerance (README "Checkpoints, resume and failures").
+    skip_nonfinite_steps: int = 0  # updates with NaN/Inf loss or gradients to skip before stopping
+    preemption_grace_seconds: float = 25.0  # SIGTERM -> checkpoint -> exit within this
+    overwrite: bool = False  # discard an incompatible run in model_dir instead of refusing
     log_every: int = 50
     seed: int = 1234
     sample_tokens: int = 300
@@ -98,7 +102,7 @@ class Config:
                 raise UserError(f"--{name}={getattr(self, name)} must be a positive "
                                 "integer; pass a value >= 1")
         non_negative = ("eval_steps", "warmup_steps", "weight_decay", "clip_norm",
-                        "min_learning_rate", "sample_tokens")
+                        "min_learning_rate", "sample_tokens", "skip_nonfinite_steps")
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise UserError(f"--{name}={getattr(self, name)} must not be negative")
@@ -129,6 +133,10 @@ class Config:
         if self.collective_timeout <= 0:
             raise UserError(f"--collective_timeout={self.collective_timeout} must be a positive "
                             "number of seconds, e.g. 600")
+        if self.preemption_grace_seconds <= 0:
+            raise UserError(f"--preemption_grace_seconds={self.preemption_grace_seconds} must be "
+                            "a positive number of seconds, a little below the scheduler's own "
+                            "grace period (30 s by default on Kubernetes and SLURM)")
         if not 1024 <= self.slurm_port_base <= 65000:
             raise UserError(f"--slurm_port_base={self.slurm_port_base} must be a port between "
                             "1024 and 65000")
@@ -161,11 +169,10 @@ class Config:
             raise UserError(f"{path} is unreadable ({err}); point --model_dir at an intact "
                             "tfdp-train run or use a new one") from None
 
-    def check_resumable(self, saved: "Config") -> None:
-        """Refuse to continue a run whose model or data differ from this one."""
+    def resume_conflicts(self, saved: "Config") -> str | None:
+        """Why a run saved with `saved` cannot be continued by this config
+        (its model or data differ), or None when it can."""
         diffs = [f"--{name}={getattr(saved, name)!r} (now {getattr(self, name)!r})"
                  for name in RESUME_FIELDS
                  if getattr(saved, name) != getattr(self, name)]
-        if diffs:
-            raise UserError(f"--model_dir={self.model_dir} holds a run with "
-                            f"{', '.join(diffs)}; use a new --model_dir or the same flags")
+        return f"holds a run with {', '.join(diffs)}" if diffs else None

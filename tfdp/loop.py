@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import collections
 import math
+import os
 import signal
+import sys
+import threading
 import time
 
 import keras
 import tensorflow as tf
 
-from tfdp import watchdog
+from tfdp import checkpoints, watchdog
 from tfdp.cluster import input_pipeline
 from tfdp.errors import Preempted, UserError
 from tfdp.dataset import Split, eval_dataset_fn, eval_steps_for, train_dataset_fn
@@ -29,15 +32,18 @@ class Trainer:
 
     def __init__(self, cfg, strategy, model, optimizer, train: Split, val: Split,
                  checkpoints: tf.train.CheckpointManager, callbacks=(),
-                 flops_per_token: float = 0.0, peak_flops: float = 0.0):
+                 flops_per_token: float = 0.0, peak_flops: float = 0.0, log=lambda *_: None):
+        """`checkpoints` manages a checkpoint made by tfdp.checkpoints.make_checkpoint."""
         self.cfg, self.strategy, self.model, self.optimizer = cfg, strategy, model, optimizer
-        self.train, self.val, self.checkpoints = train, val, checkpoints
+        self.train, self.val, self.checkpoints, self.log = train, val, checkpoints, log
+        self.nonfinite_steps = checkpoints.checkpoint.nonfinite_steps  # skipped so far
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self.callbacks = keras.callbacks.CallbackList(
             list(callbacks), add_history=False, add_progbar=False, model=model)
         self.train_step = make_train_step(strategy, model, optimizer, cfg.global_batch_size,
                                           cfg.seq_len, cfg.clip_norm, cfg.jit_compile,
-                                          cfg.all_reduce_dtype)
+                                          cfg.all_reduce_dtype,
+                                          skip_nonfinite=cfg.skip_nonfinite_steps > 0)
         self.eval_step = make_eval_step(strategy, model, cfg.jit_compile)
         self.eval_steps = eval_steps_for(val, cfg.global_batch_size, cfg.eval_steps,
                                          input_pipeline(strategy)[1])
@@ -76,17 +82,56 @@ class Trainer:
 
         SIGTERM (what Kubernetes and SLURM send before they kill) lets the
         current step finish; then every worker saves a checkpoint at that
-        step and raises Preempted (exit code 75).
+        step and raises Preempted (exit code 75). Should that take longer
+        than --preemption_grace_seconds (a step or a peer that hangs, a slow
+        disk), the process exits with 75 anyway, before the scheduler's
+        SIGKILL, and says what it saved.
         """
         self._sigterm = []
         try:
-            previous = signal.signal(signal.SIGTERM, lambda *_: self._sigterm.append(1))
+            previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         except ValueError:  # not the main thread: leave signals alone
             return self._fit()
         try:
             return self._fit()
         finally:
             signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+    def _on_sigterm(self, *_):
+        if not self._sigterm:
+            timer = threading.Timer(self.cfg.preemption_grace_seconds, self._out_of_grace)
+            timer.daemon = True
+            timer.start()
+        self._sigterm.append(1)
+
+    def _out_of_grace(self):
+        latest = self.checkpoints.latest_checkpoint
+        print(f"{os.path.basename(sys.argv[0])}: error: stopped by SIGTERM: not done within "
+              f"--preemption_grace_seconds={self.cfg.preemption_grace_seconds:g}; running the "
+              "same command again resumes from "
+              + (f"its last checkpoint ({os.path.basename(latest)})" if latest else "step 0"),
+              file=sys.stderr, flush=True)
+        os._exit(Preempted.exit_code)
+
+    def _check_finite(self, step: int, loss: float, grad_norm: float) -> None:
+        """Stop at a NaN/Inf loss or gradient before it is checkpointed, or,
+        under --skip_nonfinite_steps=K, count the skipped update (up to K)."""
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            return
+        what = f"loss {loss}, gradient norm {grad_norm} at step {step}"
+        limit = self.cfg.skip_nonfinite_steps
+        skipped = int(self.nonfinite_steps.assign_add(1).numpy())
+        if skipped <= limit:
+            self.log(f"warning: {what}: update skipped ({skipped} of "
+                     f"--skip_nonfinite_steps={limit})")
+            return
+        kept = self.checkpoints.latest_checkpoint
+        raise UserError(
+            f"{what}" + (f" (more than --skip_nonfinite_steps={limit})" if limit else "")
+            + "; training stopped"
+            + (f" and its last checkpoint ({os.path.basename(kept)}) is untouched" if kept else "")
+            + "; lower --learning_rate, raise --warmup_steps or set --clip_norm"
+            + ("" if limit else ", or skip such updates with --skip_nonfinite_steps=K"))
 
     def _fit(self) -> dict:
         cfg = self.cfg
@@ -129,15 +174,14 @@ class Trainer:
                 "eta_seconds": (cfg.train_steps - step - 1) * step_time
                 + evals_left * eval_seconds,
             }
-            epoch_losses.append(loss)
             self.callbacks.on_train_batch_end(step, logs)
             step += 1
-            if not math.isfinite(loss):
-                raise UserError(f"training loss became {loss} at step {step}; lower "
-                                "--learning_rate or raise --warmup_steps/--clip_norm")
+            self._check_finite(step, loss, logs["grad_norm"])
+            if math.isfinite(loss):
+                epoch_losses.append(loss)
             if step % cfg.eval_every == 0 or step == cfg.train_steps:
                 began = time.perf_counter()
-                epoch_logs = {**logs, "train_loss": sum(epoch_losses) / len(epoch_losses),
+                epoch_logs = {**logs, "train_loss": sum(epoch_losses) / max(len(epoch_losses), 1),
                               **self.evaluate()}
                 eval_seconds = time.perf_counter() - began
                 epoch_losses = []
@@ -146,7 +190,7 @@ class Trainer:
             preempted = bool(out["stop"])  # some worker got SIGTERM: all stop here
             stop = bool(getattr(self.model, "stop_training", False))  # e.g. EarlyStopping
             if stop or preempted or step % cfg.checkpoint_every == 0 or step == cfg.train_steps:
-                self.checkpoints.save(checkpoint_number=step)
+                checkpoints.save(self.checkpoints, step)
             if preempted:
                 raise Preempted(f"stopped by SIGTERM after step {step}, checkpoint saved; run "
                                 "the same command again to resume")

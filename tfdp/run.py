@@ -18,7 +18,6 @@ through a temporary name and renamed.
 
 from __future__ import annotations
 
-import filecmp
 import json
 import os
 import shutil
@@ -30,7 +29,8 @@ import tensorflow as tf
 import data as recipes
 from tfdp import cluster, watchdog
 from tfdp.callbacks import ProgressLogger, ScalarSummaries
-from tfdp.checkpoints import check_same_step, restore_newest_readable
+from tfdp import rundir
+from tfdp.checkpoints import check_same_step, make_checkpoint, restore_newest_readable
 from tfdp.config import Config
 from tfdp.dataset import Split, shard_files
 from tfdp.errors import UserError
@@ -40,19 +40,9 @@ from tfdp.loop import Trainer
 from tfdp.model import build_model, count_params, non_embedding_params
 from tfdp.optimizer import build_optimizer
 from tfdp.prepare import is_prepared, load_manifest, prepare
+from tfdp.rundir import read_json, write_text
 from tfdp.strategy import build_strategy, is_chief
 from tfdp.tokenizers import load_tokenizer
-
-
-def _saved_config(model_dir: str) -> Config | None:
-    if os.path.exists(model_dir) and not os.path.isdir(model_dir):
-        raise UserError(f"--model_dir={model_dir} is a file, not a directory; "
-                        "choose a new directory")
-    saved = Config.load(model_dir)
-    if saved is None and os.path.isdir(model_dir) and os.listdir(model_dir):
-        raise UserError(f"--model_dir={model_dir} is not empty and holds no tfdp run "
-                        "(no config.json); choose a new or empty directory")
-    return saved
 
 
 def _first_missing(path: str) -> str | None:
@@ -105,37 +95,6 @@ def load_splits(cfg: Config, data_dir: str, strategy) -> tuple[Split, Split]:
     return split("train"), split("val")
 
 
-def _write_text(path: str, text: str) -> None:
-    """Write via a temporary name and rename: never a half-written file."""
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
-
-
-def _read_json(path: str) -> dict:
-    """A JSON object from `path`, or {} when it is missing or unreadable."""
-    try:
-        with open(path) as f:
-            value = json.load(f)
-    except (OSError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
-def _check_same_tokenizer(data_tokenizer: str, run_tokenizer: str) -> None:
-    """Refuse to resume on data whose token ids mean something else."""
-    if not os.path.isdir(run_tokenizer):
-        return
-    names = sorted(os.listdir(data_tokenizer))
-    same = names == sorted(os.listdir(run_tokenizer)) and all(
-        filecmp.cmp(os.path.join(data_tokenizer, n), os.path.join(run_tokenizer, n),
-                    shallow=False) for n in names)
-    if not same:
-        raise UserError(f"the tokenizer of the --data given differs from the one this "
-                        f"--model_dir was trained with ({run_tokenizer}); use a new "
-                        "--model_dir or the original data")
-
-
 def train(cfg: Config, callbacks=(), log=print) -> dict:
     """Run (or resume) training as configured; return the final metrics."""
     cfg = cfg.validate()
@@ -147,18 +106,27 @@ def train(cfg: Config, callbacks=(), log=print) -> dict:
         raise UserError(f"--global_batch_size={cfg.global_batch_size} is not divisible by the "
                         f"{replicas} replicas; use a multiple of {replicas}")
     model_dir = os.path.abspath(os.path.expanduser(cfg.model_dir))
-    if is_chief(strategy):  # other workers would race with the chief's own writes
-        saved = _saved_config(model_dir)
-        if saved is not None:
-            cfg.check_resumable(saved)
+    chief = is_chief(strategy)
+    if chief:  # other workers would race with the chief's own writes
+        rundir.check_usable(model_dir)
+    # Every worker reads the verdict (so all refuse together), only the chief
+    # discards. A worker that reads after the chief discarded finds no run.
+    reason = rundir.conflict(cfg, model_dir)
+    if reason and not cfg.overwrite:
+        raise UserError(f"--model_dir={cfg.model_dir} {reason}; use a new --model_dir or the "
+                        "same flags, or pass --overwrite to discard that run")
+    if reason and chief:
+        rundir.discard(model_dir, log)
     try:
-        if is_chief(strategy):
-            return _train_in(cfg, strategy, model_dir, model_dir, callbacks, log)
+        if chief:
+            return _train_in(cfg, strategy, model_dir, model_dir, callbacks, log,
+                             resume=not reason)
         # Other workers of a multi-worker job run the same program but write
         # only to a private directory of their own, removed at the end.
         scratch = tempfile.mkdtemp(prefix="tfdp-worker-")
         try:
-            return _train_in(cfg, strategy, model_dir, scratch, callbacks, lambda *_: None)
+            return _train_in(cfg, strategy, model_dir, scratch, callbacks, lambda *_: None,
+                             resume=not reason)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
     except tf.errors.OpError as err:
@@ -168,8 +136,10 @@ def train(cfg: Config, callbacks=(), log=print) -> dict:
         raise lost from None
 
 
-def _train_in(cfg: Config, strategy, model_dir: str, write_dir: str, callbacks, say) -> dict:
-    """Train, writing checkpoints, logs and outputs into `write_dir`."""
+def _train_in(cfg: Config, strategy, model_dir: str, write_dir: str, callbacks, say,
+              resume: bool) -> dict:
+    """Train, writing checkpoints, logs and outputs into `write_dir`; continue
+    from model_dir's newest checkpoint when `resume`."""
     chief = write_dir == model_dir
     replicas = strategy.num_replicas_in_sync
     say(f"model_dir: {model_dir}")
@@ -179,22 +149,29 @@ def _train_in(cfg: Config, strategy, model_dir: str, write_dir: str, callbacks, 
     train_split, val_split = load_splits(cfg, data_dir, strategy)
     manifest = load_manifest(data_dir)
     tokenizer = load_tokenizer(os.path.join(data_dir, "tokenizer"))
-    if chief:
-        _check_same_tokenizer(os.path.join(data_dir, "tokenizer"),
-                              os.path.join(model_dir, "tokenizer"))
 
     with strategy.scope():
         keras.utils.set_random_seed(cfg.seed)  # the same initial weights everywhere
         model = build_model(cfg, manifest["vocab_size"])
         optimizer = build_optimizer(cfg, model.trainable_variables)
-    checkpoint = tf.train.Checkpoint(backbone=model.backbone, optimizer=optimizer)
+    # With whole shard files per pipeline the data order depends on how many
+    # pipelines there are; with one global order (interleave) it does not.
+    pipelines = cluster.input_pipeline(strategy)[1] if train_split.shards is not None else 1
+    checkpoint = make_checkpoint(model, optimizer, pipelines)
     manager = tf.train.CheckpointManager(checkpoint, os.path.join(write_dir, "checkpoints"),
                                          max_to_keep=cfg.keep_checkpoints)
-    restore_newest_readable(checkpoint, os.path.join(model_dir, "checkpoints"), say)
+    if resume:
+        restore_newest_readable(checkpoint, os.path.join(model_dir, "checkpoints"), say)
     check_same_step(strategy, optimizer.iterations)
+    if int(checkpoint.input_pipelines.numpy()) != pipelines:
+        say(f"warning: the checkpoint was written with {int(checkpoint.input_pipelines.numpy())} "
+            f"input pipeline(s) and this run has {pipelines}, each reading whole shard files: "
+            "from here the data order differs from an uninterrupted run "
+            "(--input_sharding=interleave keeps one order for any worker count)")
+        checkpoint.input_pipelines.assign(pipelines)
     # Only now, with data, model and checkpoint known to fit, is the run recorded.
     os.makedirs(write_dir, exist_ok=True)
-    _write_text(os.path.join(write_dir, "config.json"), cfg.to_json())
+    write_text(os.path.join(write_dir, "config.json"), cfg.to_json())
     shutil.copytree(os.path.join(data_dir, "tokenizer"), os.path.join(write_dir, "tokenizer"),
                     dirs_exist_ok=True)
 
@@ -207,14 +184,14 @@ def _train_in(cfg: Config, strategy, model_dir: str, write_dir: str, callbacks, 
         f"{'(this worker: whole shard files) ' if train_split.shards is not None else ''}"
         f"of {cfg.seq_len + 1} {manifest['tokenizer']} tokens; "
         f"measured peak {peak / 1e9:.1f} GFLOP/s")
-    previous = _read_json(os.path.join(model_dir, "metrics.json"))
+    previous = read_json(os.path.join(model_dir, "metrics.json"))
     step = int(optimizer.iterations.numpy())
     history = [h for h in previous.get("history", []) if h.get("step", 0) <= step]
     own = [ProgressLogger(cfg.train_steps, cfg.log_every, say),
-           ScalarSummaries(os.path.join(model_dir, "tensorboard")),
+           ScalarSummaries(os.path.join(model_dir, "tensorboard"), start_step=step),
            _HistoryWriter(os.path.join(model_dir, "metrics.json"), history)] if chief else []
     trainer = Trainer(cfg, strategy, model, optimizer, train_split, val_split, manager,
-                      own + list(callbacks), flops_per_token=fpt, peak_flops=peak)
+                      own + list(callbacks), flops_per_token=fpt, peak_flops=peak, log=say)
     if trainer.step >= cfg.train_steps:
         say(f"already trained to step {trainer.step} of --train_steps={cfg.train_steps}; "
             "raise --train_steps to continue")
@@ -245,8 +222,8 @@ def _train_in(cfg: Config, strategy, model_dir: str, write_dir: str, callbacks, 
         "vocab_size": manifest["vocab_size"],
         "history": history + trainer.history,
     }
-    _write_text(os.path.join(write_dir, "metrics.json"), json.dumps(metrics, indent=2))
-    _write_text(os.path.join(write_dir, "sample.txt"), sample)
+    write_text(os.path.join(write_dir, "metrics.json"), json.dumps(metrics, indent=2))
+    write_text(os.path.join(write_dir, "sample.txt"), sample)
     say(sample)
     return metrics
 
@@ -265,7 +242,7 @@ class _HistoryWriter(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         self.history.append({"step": self.step, **(logs or {})})
-        _write_text(self.path, json.dumps({"step": self.step, "history": self.history},
+        write_text(self.path, json.dumps({"step": self.step, "history": self.history},
                                           indent=2))
 
 

@@ -6,7 +6,9 @@ One training step, on every replica i at once (`strategy.run`):
     g_i   = dL_i/dtheta                       (XLA-compiled forward/backward)
     g     = all_reduce_sum(g_i)  = (1/N) * sum over all N target tokens' grads
     g     = clip_by_global_norm(g, clip_norm) (same norm on every replica)
-    theta = AdamW(theta, g)                   (identical update everywhere)
+    theta = AdamW(theta, g)                   (identical update everywhere;
+                                               with skip_nonfinite, only when
+                                               the loss and |g| are finite)
 
 Dividing by the GLOBAL token count makes the summed gradient the gradient
 of the global mean loss, so N replicas on batch B update exactly as one
@@ -30,10 +32,15 @@ def _token_losses(model, windows, training: bool):
 
 def make_train_step(strategy, model, optimizer, global_batch_size: int, seq_len: int,
                     clip_norm: float, jit_compile: bool = True,
-                    all_reduce_dtype: str = "float32"):
+                    all_reduce_dtype: str = "float32", skip_nonfinite: bool = False):
     """Return a tf.function(iterator, stop) -> {"loss", "grad_norm", "stop"} running
     one step; `stop` (float 0/1) is this worker's request to stop, "stop" says
     whether any worker made one.
+
+    With `skip_nonfinite`, a step whose reduced loss or gradient norm is NaN
+    or Inf leaves weights and Adam moments untouched; the step counter
+    still advances, so the data and learning rate stay where an
+    uninterrupted run would have them.
 
     `all_reduce_dtype="bfloat16"` sends the gradients across replicas in
     bfloat16 (half the bytes, ~3 significant digits per summand), then
@@ -67,7 +74,11 @@ def make_train_step(strategy, model, optimizer, global_batch_size: int, seq_len:
         norm = tf.linalg.global_norm(grads)
         if clip_norm > 0:
             grads, _ = tf.clip_by_global_norm(grads, clip_norm, use_norm=norm)
-        optimizer.apply_gradients(zip(grads, variables))
+        if skip_nonfinite:
+            _apply_if_finite(optimizer, grads, variables,
+                             tf.math.is_finite(loss) & tf.math.is_finite(norm))
+        else:
+            optimizer.apply_gradients(zip(grads, variables))
         return loss, norm, stop
 
     @tf.function
@@ -77,6 +88,33 @@ def make_train_step(strategy, model, optimizer, global_batch_size: int, seq_len:
         first = strategy.experimental_local_results
         return {"loss": first(loss)[0], "grad_norm": first(norm)[0], "stop": first(stop)[0] > 0}
     return train_step
+
+
+def _apply_if_finite(optimizer, grads, variables, finite) -> None:
+    """Apply the update when `finite` (the same on every replica, as it comes
+    from reduced values), else only count the step.
+
+    The optimizer synchronises replicas (merge_call) inside apply_gradients,
+    which a tf.cond in replica context may not contain; so, like Keras's
+    LossScaleOptimizer, the cond runs in cross-replica context and each
+    branch goes back to the replicas.
+    """
+    def apply():
+        optimizer.apply_gradients(zip(grads, variables))
+
+    def skip():
+        optimizer.iterations.assign_add(1)
+
+    if tf.__internal__.distribute.strategy_supports_no_merge_call():
+        tf.cond(finite, apply, skip)
+        return
+
+    def cross_replica(strategy, grads, finite):
+        def apply_everywhere():
+            strategy.extended.call_for_each_replica(
+                lambda g: optimizer.apply_gradients(zip(g, variables)), args=(grads,))
+        tf.cond(strategy.experimental_local_results(finite)[0], apply_everywhere, skip)
+    tf.distribute.get_replica_context().merge_call(cross_replica, args=(grads, finite))
 
 
 def make_eval_step(strategy, model, jit_compile: bool = True):

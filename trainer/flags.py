@@ -54,6 +54,16 @@ def define_train_flags() -> None:
     flags.DEFINE_integer("checkpoint_every", _D.checkpoint_every,
                          "Save a checkpoint every this many steps (and at the end).")
     flags.DEFINE_integer("keep_checkpoints", _D.keep_checkpoints, "Checkpoints to keep.")
+    flags.DEFINE_integer("skip_nonfinite_steps", _D.skip_nonfinite_steps,
+                         "Updates whose loss or gradients are NaN/Inf to skip (weights and "
+                         "optimizer moments untouched) before training stops; 0 stops at "
+                         "the first.")
+    flags.DEFINE_float("preemption_grace_seconds", _D.preemption_grace_seconds,
+                       "After SIGTERM: finish the step, checkpoint and exit (status 75) within "
+                       "this many seconds; set it a little below the scheduler's grace period.")
+    flags.DEFINE_bool("overwrite", _D.overwrite,
+                      "Discard a run in --model_dir whose model, data or tokenizer differ "
+                      "from these flags, instead of refusing (a compatible run is resumed).")
     flags.DEFINE_integer("log_every", _D.log_every, "Print progress every this many steps.")
     flags.DEFINE_integer("seed", _D.seed, "Seed for initial weights, data order and sampling.")
     flags.DEFINE_integer("sample_tokens", _D.sample_tokens,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import shutil
 
 import tensorflow as tf
@@ -52,7 +53,9 @@ def save(manager: tf.train.CheckpointManager, step: int) -> None:
         manager.save(checkpoint_number=step)
     except (tf.errors.OpError, OSError) as err:
         text = getattr(err, "message", None) or str(err)
-        reason = text.strip().splitlines()[-1].split("; ")[-1][:160] if text.strip() else ""
+        # TensorFlow's message ends "...: <path>.tempstate123; File too large [Op:SaveV2]".
+        reason = re.sub(r"\s*\[Op:\w+\]$", "", text.strip().splitlines()[-1].split("; ")[-1]
+                        )[:160] if text.strip() else ""
         for partial in glob.glob(os.path.join(manager.directory, f"ckpt-{step}_temp*")):
             shutil.rmtree(partial, ignore_errors=True)
         latest = manager.latest_checkpoint

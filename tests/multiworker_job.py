@@ -8,12 +8,16 @@ with in-process MirroredStrategy and one-device runs.
 
     python tests/multiworker_job.py DATA_DIR OUT_DIR [--input_sharding=interleave]
                                     [--stall_worker_1_at=STEP]
+                                    [--hang_after_sigterm_at=STEP --grace=SECONDS]
+
+Without TF_CONFIG it runs as one process on one device.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 
@@ -62,20 +66,49 @@ def train_weights(strategy, data_dir: str, checkpoint_dir: str, cfg: Config = CF
     return model.get_weights(), logs
 
 
+class _HangAfterSigterm(keras.callbacks.Callback):
+    """After `step` steps, SIGTERM this process and never finish the next
+    step, as a step stuck on a lost peer or a hung device would."""
+
+    def __init__(self, step: int):
+        super().__init__()
+        self.step = step
+
+    def on_train_batch_end(self, batch, logs=None):
+        if batch + 1 == self.step:
+            print("sigterm and hang", flush=True)
+            os.kill(os.getpid(), signal.SIGTERM)
+            while True:
+                time.sleep(1)
+
+
+def _option(name: str) -> list[str]:
+    return [a.split("=", 1)[1] for a in sys.argv if a.startswith(f"--{name}=")]
+
+
 if __name__ == "__main__":
     from tfdp.strategy import build_strategy
     data_dir, out_dir = sys.argv[1:3]
     cfg = CFG
     if "--input_sharding=interleave" in sys.argv:
         cfg = Config(**{**CFG.__dict__, "input_sharding": "interleave"})
-    stall = [int(a.split("=")[1]) for a in sys.argv if a.startswith("--stall_worker_1_at=")]
+    stall = [int(s) for s in _option("stall_worker_1_at")]
     if stall:
         cfg = Config(**{**cfg.__dict__, "collective_timeout": 10.0})
-    task = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
-    strategy = build_strategy("multi_worker_mirrored", collective_timeout=cfg.collective_timeout)
+    hang = [int(s) for s in _option("hang_after_sigterm_at")]
+    if hang:
+        cfg = Config(**{**cfg.__dict__, "preemption_grace_seconds": float(_option("grace")[0])})
+    if "TF_CONFIG" in os.environ:
+        task = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
+        strategy = build_strategy("multi_worker_mirrored",
+                                  collective_timeout=cfg.collective_timeout)
+    else:
+        task, strategy = 0, build_strategy("one_device")
+    callbacks = [_Stall(stall[0])] if stall and task == 1 else []
+    callbacks += [_HangAfterSigterm(hang[0])] if hang else []
     try:
         weights, logs = train_weights(strategy, data_dir, os.path.join(out_dir, f"ckpt_{task}"),
-                                      cfg, [_Stall(stall[0])] if stall and task == 1 else [])
+                                      cfg, callbacks)
     except tf.errors.OpError as err:  # as tfdp.run.train reports a lost or stuck peer
         from tfdp.watchdog import peer_failure
         lost = peer_failure(err)

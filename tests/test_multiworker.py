@@ -180,13 +180,18 @@ def test_tfdp_launch_end_to_end(tmp_path, text_file):
     assert json.loads((model_dir / "metrics.json").read_text())["step"] == 8
 
 
-def _start_long_job(tmp_path, text_file, timeout: int):
+def _long_job_args(text_file, model_dir, timeout: int, checkpoint_every: int):
+    return ["tfdp-train", f"--data={text_file}", f"--model_dir={model_dir}", *TINY,
+            "--train_steps=100000", "--eval_every=100000",
+            f"--checkpoint_every={checkpoint_every}", f"--collective_timeout={timeout}"]
+
+
+def _start_long_job(tmp_path, text_file, timeout: int, checkpoint_every: int, until: int):
+    """Start a 2-worker job; return once the chief reports step `until`."""
     model_dir = tmp_path / "run"
     proc = subprocess.Popen(
         [str(BIN / "tfdp-launch"), "--num_workers=2", "--grace_seconds=5", "--",
-         "tfdp-train", f"--data={text_file}", f"--model_dir={model_dir}", *TINY,
-         "--train_steps=100000", "--eval_every=100000", "--checkpoint_every=100000",
-         f"--collective_timeout={timeout}"],
+         *_long_job_args(text_file, model_dir, timeout, checkpoint_every)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(tmp_path))
     lines, pids = [], {}
     deadline = time.monotonic() + 240
@@ -194,7 +199,7 @@ def _start_long_job(tmp_path, text_file, timeout: int):
         lines.append(line)
         if m := re.match(r"tfdp-launch: worker (\d) is pid (\d+)", line):
             pids[int(m.group(1))] = int(m.group(2))
-        if "[worker 0] step 3/" in line or time.monotonic() > deadline:
+        if f"[worker 0] step {until}/" in line or time.monotonic() > deadline:
             break
     return proc, pids, lines, model_dir
 
@@ -217,12 +222,15 @@ def _finish(proc, lines, timeout):
 
 @pytest.mark.parametrize("how", ["killed", "frozen"])
 def test_lost_worker_stops_the_job(tmp_path, text_file, how):
-    timeout = 15
-    proc, pids, lines, model_dir = _start_long_job(tmp_path, text_file, timeout)
+    """A worker dies (SIGKILL) or freezes (SIGSTOP) mid-run: the survivor stops
+    within the timeout, naming it; relaunching the job resumes from the last
+    checkpoint, losing fewer than --checkpoint_every steps."""
+    timeout, every = 15, 5
+    proc, pids, lines, model_dir = _start_long_job(tmp_path, text_file, timeout, every, 12)
     frozen = None
     try:
         assert set(pids) == {0, 1}, "".join(lines)
-        assert any("[worker 0] step 3/" in line for line in lines), "".join(lines)
+        assert any("[worker 0] step 12/" in line for line in lines), "".join(lines)
         os.kill(pids[1], signal.SIGKILL if how == "killed" else signal.SIGSTOP)
         frozen = pids[1] if how == "frozen" else None
         lost = time.monotonic()
@@ -246,6 +254,17 @@ def test_lost_worker_stops_the_job(tmp_path, text_file, how):
         assert "killing the remaining workers (SIGKILL)" in output  # SIGTERM waits while stopped
     assert ended < timeout + 10 + 5 + 10 + 15, ended  # + grace + SIGTERM wait + slack
     assert _no_processes_mention(str(model_dir)) == []
+    if how == "frozen":
+        return
+    done = max(int(s) for s in re.findall(r"\[worker 0\] step (\d+)/", output))
+    # The same command (a later --train_steps wins), so the test ends soon.
+    again = _launch(["--num_workers=2", "--", *_long_job_args(text_file, model_dir, timeout,
+                                                              every),
+                     f"--train_steps={done + 2}"], _env(tmp_path))
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    resumed = int(re.search(r"\[worker 0\] resumed from step (\d+)", again.stdout).group(1))
+    assert 0 <= done - resumed < every, (done, resumed)
+    print(f"steps lost to the kill: {done - resumed} (done {done}, resumed from {resumed})")
 
 
 def test_stuck_worker_is_caught_by_the_watchdog(tmp_path, data_dir):

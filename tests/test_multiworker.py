@@ -224,7 +224,7 @@ def _finish(proc, lines, timeout):
 def test_lost_worker_stops_the_job(tmp_path, text_file, how):
     """A worker dies (SIGKILL) or freezes (SIGSTOP) mid-run: the survivor stops
     within the timeout, naming it; relaunching the job resumes from the last
-    checkpoint, losing fewer than --checkpoint_every steps."""
+    checkpoint, losing at most --checkpoint_every steps."""
     timeout, every = 15, 5
     proc, pids, lines, model_dir = _start_long_job(tmp_path, text_file, timeout, every, 12)
     frozen = None
@@ -263,7 +263,7 @@ def test_lost_worker_stops_the_job(tmp_path, text_file, how):
                      f"--train_steps={done + 2}"], _env(tmp_path))
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     resumed = int(re.search(r"\[worker 0\] resumed from step (\d+)", again.stdout).group(1))
-    assert 0 <= done - resumed < every, (done, resumed)
+    assert 0 <= done - resumed <= every, (done, resumed)  # = every: killed mid-save
     print(f"steps lost to the kill: {done - resumed} (done {done}, resumed from {resumed})")
 
 

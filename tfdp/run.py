@@ -5,7 +5,7 @@ model_dir after a run:
     config.json      the resolved Config (read back by tfdp-generate)
     data/            token shards prepared on the fly (when --data was text)
     tokenizer/       the tokenizer, whatever the data source
-    checkpoints/     tf.train.CheckpointManager: backbone + optimizer state
+    checkpoints/     tf.train.CheckpointManager (tfdp/checkpoints.py)
     tensorboard/     train/ and val/ scalars (tensorboard --logdir model_dir)
     metrics.json     final figures and the validation history
     sample.txt       the text generated at the end

@@ -28,8 +28,11 @@ from tfdp.prepare import prepare
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 JOB = Path(__file__).with_name("multiworker_job.py")
+# XLA stays off in these CLI runs (compiling takes most of a tiny run); the
+# 2-worker equivalence test runs the compiled step.
 TINY = ["--num_layers=1", "--num_heads=2", "--hidden_dim=32", "--intermediate_dim=64",
-        "--seq_len=32", "--global_batch_size=8", "--sample_tokens=0", "--log_every=1"]
+        "--seq_len=32", "--global_batch_size=8", "--sample_tokens=0", "--log_every=1",
+        "--nojit_compile"]
 
 
 @pytest.fixture(scope="module")

@@ -38,7 +38,8 @@ def _step_with(strategy, cfg, weights, windows, steps=1):
         model.set_weights(weights)
         optimizer = build_optimizer(cfg, model.trainable_variables)
     step = make_train_step(strategy, model, optimizer, cfg.global_batch_size, cfg.seq_len,
-                           cfg.clip_norm, cfg.jit_compile, cfg.all_reduce_dtype)
+                           cfg.clip_norm, cfg.jit_compile, cfg.all_reduce_dtype,
+                           grad_accum_steps=cfg.grad_accum_steps)
 
     def dataset_fn(ctx):
         per_replica = ctx.get_per_replica_batch_size(cfg.global_batch_size)
@@ -139,3 +140,17 @@ def test_bfloat16_wire_gives_nearly_the_float32_update(mirrored):
     diffs = np.concatenate([np.abs(a - b).ravel() for a, b in zip(exact, wire)])
     assert np.mean(diffs > 1e-3) < 0.02, np.mean(diffs > 1e-3)
     assert np.max(diffs) > 0  # it did round something
+
+
+def test_gradient_accumulation_gives_the_whole_batch_update(mirrored):
+    """K=4 micro-batches of B/4 per step: the same update as K=1 on B, with one
+    all-reduce (each replica sums its micro-batches' gradients first)."""
+    weights = _initial_weights()
+    windows = np.concatenate([_windows(1), _windows(2)])
+    base = Config(**{**CFG.__dict__, "clip_norm": 0.05})
+    whole, losses = _step_with(mirrored, base, weights, windows, steps=2)
+    accum = Config(**{**base.__dict__, "grad_accum_steps": 4})
+    micro, micro_losses = _step_with(mirrored, accum, weights, windows, steps=2)
+    _assert_moved(weights, micro)
+    _assert_same(whole, micro, atol=3e-5)
+    np.testing.assert_allclose(micro_losses, losses, rtol=1e-5)

@@ -16,8 +16,12 @@ from tfdp.errors import UserError
 from tfdp.restore import load_trained
 from tfdp.run import train
 
+# XLA compiles take half of a tiny run's time; runs whose subject is not the
+# compiled step leave it off (it is on in test_step, the default-corpus run,
+# the resume-equivalence run and the CLI tests).
 TINY = dict(num_layers=1, num_heads=2, hidden_dim=32, intermediate_dim=64, seq_len=32,
-            global_batch_size=8, warmup_steps=5, log_every=1000, sample_tokens=0)
+            global_batch_size=8, warmup_steps=5, log_every=1000, sample_tokens=0,
+            jit_compile=False)
 
 
 def _quiet(*_):
@@ -144,7 +148,7 @@ def test_interrupted_then_resumed_run_equals_a_straight_one(tmp_path, text_file)
     so this also needs the dropout RNG state from the checkpoint."""
     import numpy as np
     common = dict(data=str(text_file), train_steps=40, eval_every=10, checkpoint_every=10,
-                  learning_rate=1e-2, **{**TINY, "dropout": 0.1})
+                  learning_rate=1e-2, **{**TINY, "dropout": 0.1, "jit_compile": True})
     straight = train(Config(model_dir=str(tmp_path / "straight"), **common), log=_quiet)
     crashed = str(tmp_path / "crashed")
     with pytest.raises(KeyboardInterrupt):

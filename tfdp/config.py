@@ -59,6 +59,7 @@ class Config:
     dropout: float = 0.0
     # Optimisation: AdamW, linear warmup then cosine decay.
     global_batch_size: int = 32
+    grad_accum_steps: int = 1  # micro-batches per replica per step (one all-reduce, one update)
     train_steps: int = 1000
     learning_rate: float = 3e-3
     min_learning_rate: float = 3e-4
@@ -94,7 +95,7 @@ class Config:
     def validate(self) -> "Config":
         """Raise UserError for the first bad value; return self when all are fine."""
         positive = ("seq_len", "num_layers", "num_heads", "hidden_dim",
-                    "intermediate_dim", "global_batch_size", "train_steps",
+                    "intermediate_dim", "global_batch_size", "grad_accum_steps", "train_steps",
                     "eval_every", "checkpoint_every", "keep_checkpoints",
                     "log_every", "num_cpu_replicas")
         for name in positive:

@@ -43,7 +43,8 @@ class Trainer:
         self.train_step = make_train_step(strategy, model, optimizer, cfg.global_batch_size,
                                           cfg.seq_len, cfg.clip_norm, cfg.jit_compile,
                                           cfg.all_reduce_dtype,
-                                          skip_nonfinite=cfg.skip_nonfinite_steps > 0)
+                                          skip_nonfinite=cfg.skip_nonfinite_steps > 0,
+                                          grad_accum_steps=cfg.grad_accum_steps)
         self.eval_step = make_eval_step(strategy, model, cfg.jit_compile)
         self.eval_steps = eval_steps_for(val, cfg.global_batch_size, cfg.eval_steps,
                                          input_pipeline(strategy)[1])

@@ -105,6 +105,11 @@ def train(cfg: Config, callbacks=(), log=print) -> dict:
     if cfg.global_batch_size % replicas:
         raise UserError(f"--global_batch_size={cfg.global_batch_size} is not divisible by the "
                         f"{replicas} replicas; use a multiple of {replicas}")
+    if cfg.global_batch_size % (replicas * cfg.grad_accum_steps):
+        unit = replicas * cfg.grad_accum_steps
+        raise UserError(f"--global_batch_size={cfg.global_batch_size} does not split into "
+                        f"--grad_accum_steps={cfg.grad_accum_steps} micro-batches on each of the "
+                        f"{replicas} replicas; use a multiple of {unit}")
     model_dir = os.path.abspath(os.path.expanduser(cfg.model_dir))
     chief = is_chief(strategy)
     if chief:  # other workers would race with the chief's own writes

@@ -32,7 +32,8 @@ def _token_losses(model, windows, training: bool):
 
 def make_train_step(strategy, model, optimizer, global_batch_size: int, seq_len: int,
                     clip_norm: float, jit_compile: bool = True,
-                    all_reduce_dtype: str = "float32", skip_nonfinite: bool = False):
+                    all_reduce_dtype: str = "float32", skip_nonfinite: bool = False,
+                    grad_accum_steps: int = 1):
     """Return a tf.function(iterator, stop) -> {"loss", "grad_norm", "stop"} running
     one step; `stop` (float 0/1) is this worker's request to stop, "stop" says
     whether any worker made one.
@@ -42,6 +43,11 @@ def make_train_step(strategy, model, optimizer, global_batch_size: int, seq_len:
     still advances, so the data and learning rate stay where an
     uninterrupted run would have them.
 
+    With `grad_accum_steps=K`, each replica's batch is split into K
+    micro-batches whose gradients are summed in a loop on the replica
+    (activations of one micro-batch at a time); then comes the one
+    all-reduce and the one update, as for K=1 on the whole batch.
+
     `all_reduce_dtype="bfloat16"` sends the gradients across replicas in
     bfloat16 (half the bytes, ~3 significant digits per summand), then
     casts back; the loss then needs a second, float32 all-reduce.
@@ -50,11 +56,24 @@ def make_train_step(strategy, model, optimizer, global_batch_size: int, seq_len:
     global_tokens = float(global_batch_size * seq_len)
     wire = tf.as_dtype(all_reduce_dtype)
 
-    @tf.function(jit_compile=jit_compile)
-    def forward_backward(windows):
+    def micro_step(windows):
         with tf.GradientTape() as tape:
             loss = tf.reduce_sum(_token_losses(model, windows, training=True)) / global_tokens
         return loss, tape.gradient(loss, variables)
+
+    @tf.function(jit_compile=jit_compile)
+    def forward_backward(windows):
+        if grad_accum_steps == 1:
+            return micro_step(windows)
+        # Dividing by the global token count makes the sum over micro-batches
+        # the gradient of the whole batch's mean loss.
+        micro = tf.reshape(windows, [grad_accum_steps, -1, tf.shape(windows)[1]])
+        loss, grads = tf.zeros([]), [tf.zeros_like(v) for v in variables]
+        for i in tf.range(grad_accum_steps):
+            more_loss, more = micro_step(micro[i])
+            loss += more_loss
+            grads = [g + tf.convert_to_tensor(m) for g, m in zip(grads, more)]
+        return loss, grads
 
     def replica_step(windows, stop):
         loss, grads = forward_backward(windows)

@@ -38,6 +38,10 @@ def define_train_flags() -> None:
     flags.DEFINE_float("dropout", _D.dropout, "Dropout rate.")
     flags.DEFINE_integer("global_batch_size", _D.global_batch_size,
                          "Windows per step over ALL replicas; must divide by the replica count.")
+    flags.DEFINE_integer("grad_accum_steps", _D.grad_accum_steps,
+                         "Split each replica's batch into this many micro-batches, summing "
+                         "their gradients before the one all-reduce and update of the step: "
+                         "the same update in less memory, and fewer all-reduces per token.")
     flags.DEFINE_integer("train_steps", _D.train_steps, "Optimizer steps to train to.")
     flags.DEFINE_float("learning_rate", _D.learning_rate, "Peak AdamW learning rate.")
     flags.DEFINE_float("min_learning_rate", _D.min_learning_rate,

@@ -86,6 +86,7 @@ def train_cli(model_dir: Path, *flags: str, env=None):
     ({"input_sharding": "files"}, "--input_sharding='files'"),
     ({"all_reduce_dtype": "float16"}, "--all_reduce_dtype='float16'"),
     ({"skip_nonfinite_steps": -1}, "--skip_nonfinite_steps=-1"),
+    ({"grad_accum_steps": 0}, "--grad_accum_steps=0"),
     ({"preemption_grace_seconds": 0}, "--preemption_grace_seconds=0"),
 ])
 def test_config_validate_rejects(overrides, flag):
@@ -200,6 +201,8 @@ def train_in_process(mirrored):
     ("empty_dir", "corpus is empty"),
     ("short", "fewer than one window of --seq_len+1=129"),
     ("batch_33", "--global_batch_size=33 is not divisible by the 2 replicas"),
+    ("accum_3", "--global_batch_size=8 does not split into --grad_accum_steps=3 micro-batches "
+                "on each of the 2 replicas; use a multiple of 6"),
     ("no_val_window", "the val split has"),
 ])
 def test_train_in_process_errors(tmp_path, train_in_process, case, message):
@@ -218,6 +221,9 @@ def test_train_in_process_errors(tmp_path, train_in_process, case, message):
     elif case == "batch_33":
         (corpus / "c.txt").write_text(tiny_text())
         flags["global_batch_size"] = 33
+    elif case == "accum_3":
+        (corpus / "c.txt").write_text(tiny_text())
+        flags["grad_accum_steps"] = 3
     elif case == "no_val_window":  # 2% of 3 KB is fewer than 129 tokens
         (corpus / "c.txt").write_text(tiny_text())
     model_dir = tmp_path / "runs" / "M"

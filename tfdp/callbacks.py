@@ -25,7 +25,8 @@ def _duration(seconds: float) -> str:
 
 
 class ProgressLogger(keras.callbacks.Callback):
-    """Prints `step N/T | loss | lr | tok/s | mfu | eta` every `every` steps."""
+    """Prints `step N/T | loss | lr | tok/s (per replica) | ms/step | mfu |
+    mem (peak resident) | eta` every `every` steps."""
 
     def __init__(self, total_steps: int, every: int, print_fn=print):
         super().__init__()
@@ -39,8 +40,11 @@ class ProgressLogger(keras.callbacks.Callback):
             return
         self.print_fn(
             f"step {self.step}/{self.total_steps} | loss {logs['loss']:.4f} | "
-            f"lr {logs['learning_rate']:.2e} | {logs['tokens_per_second']:,.0f} tok/s | "
-            f"mfu {100 * logs['mfu']:.2f}% | eta {_duration(logs['eta_seconds'])}")
+            f"lr {logs['learning_rate']:.2e} | {logs['tokens_per_second']:,.0f} tok/s "
+            f"({logs['tokens_per_second_per_replica']:,.0f}/replica) | "
+            f"{1000 * logs['step_time']:.0f} ms/step | "
+            f"mfu {100 * logs['mfu']:.2f}% | mem {logs['peak_host_memory_gib']:.2f} GiB | "
+            f"eta {_duration(logs['eta_seconds'])}")
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import math
 import os
+import resource
 import signal
 import sys
 import threading
@@ -25,6 +26,11 @@ from tfdp.cluster import input_pipeline
 from tfdp.errors import Preempted, UserError
 from tfdp.dataset import Split, eval_dataset_fn, eval_steps_for, train_dataset_fn
 from tfdp.step import make_eval_step, make_train_step
+
+
+def peak_host_memory_gib() -> float:
+    """This process's peak resident memory so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 class Trainer:
@@ -49,6 +55,7 @@ class Trainer:
         self.eval_steps = eval_steps_for(val, cfg.global_batch_size, cfg.eval_steps,
                                          input_pipeline(strategy)[1])
         self.tokens_per_step = cfg.global_batch_size * cfg.seq_len
+        self.replicas = strategy.num_replicas_in_sync
         # Bits per byte = nats per token * tokens per byte / ln 2, with the
         # validation split's own token/byte ratio from the manifest.
         self.tokens_per_byte = val.num_tokens / max(val.num_bytes, 1)
@@ -170,6 +177,8 @@ class Trainer:
                 "learning_rate": learning_rate,
                 "step_time": step_time,
                 "tokens_per_second": tokens_per_second,
+                "tokens_per_second_per_replica": tokens_per_second / self.replicas,
+                "peak_host_memory_gib": peak_host_memory_gib(),
                 "mfu": tokens_per_second * self.flops_per_token / self.peak_flops
                 if self.peak_flops else 0.0,
                 "eta_seconds": (cfg.train_steps - step - 1) * step_time
@@ -200,4 +209,5 @@ class Trainer:
         self.callbacks.on_train_end(epoch_logs)
         self.mean_tokens_per_second = (self.tokens_per_step * timed_steps / train_time
                                        if train_time else 0.0)
+        self.mean_step_time = train_time / timed_steps if timed_steps else 0.0
         return epoch_logs

@@ -36,7 +36,7 @@ from tfdp.dataset import Split, shard_files
 from tfdp.errors import UserError
 from tfdp.flops import flops_per_token, machine_peak_flops
 from tfdp.generate import generate, held_out_prompt, make_sampler
-from tfdp.loop import Trainer
+from tfdp.loop import Trainer, peak_host_memory_gib
 from tfdp.model import build_model, count_params, non_embedding_params
 from tfdp.optimizer import build_optimizer
 from tfdp.prepare import is_prepared, load_manifest, prepare
@@ -216,6 +216,8 @@ def _train_in(cfg: Config, strategy, model_dir: str, write_dir: str, callbacks, 
         "val_bits_per_byte": logs["val_bits_per_byte"],
         "tokens_per_second": tps,
         "tokens_per_second_per_replica": tps / replicas,
+        "step_time": getattr(trainer, "mean_step_time", previous.get("step_time", 0.0)),
+        "peak_host_memory_gib": peak_host_memory_gib(),
         "mfu": tps * fpt / peak if peak else 0.0,
         "peak_flops": peak,
         "flops_per_token": fpt,

@@ -78,12 +78,12 @@ def measure(strategy, data_dir: str, cfg: Config, steps: int, rounds: int) -> di
 
     tokens = cfg.global_batch_size * cfg.seq_len
     pipe_it, train_it = make(), make()
-    int(take(pipe_it)), float(train_step(train_it)["loss"])  # trace and compile
+    int(take(pipe_it)), float(train_step(train_it)["loss"][-1])  # trace and compile
     pipeline, training = [], []
     for _ in range(rounds):
         pipeline.append(tokens * steps / _timed(lambda: int(take(pipe_it)), steps))
         training.append(tokens * steps / _timed(
-            lambda: float(train_step(train_it)["loss"]), steps))
+            lambda: float(train_step(train_it)["loss"][-1]), steps))
     return {"pipeline": statistics.median(pipeline), "training": statistics.median(training),
             "ratio": statistics.median(p / t for p, t in zip(pipeline, training))}
 

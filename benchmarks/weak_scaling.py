@@ -98,7 +98,7 @@ def worker(args) -> None:
         @tf.function
         def step(iterator):
             loss = strategy.run(replica_step, args=(next(iterator),))
-            return {"loss": strategy.reduce("SUM", loss, axis=None)}
+            return {"loss": tf.reshape(strategy.reduce("SUM", loss, axis=None), [1])}
     else:
         wire = "bfloat16" if args.variant == "tfdp-bf16-wire" else "float32"
         step = make_train_step(strategy, model, optimizer, cfg.global_batch_size, SEQ_LEN,
@@ -106,10 +106,10 @@ def worker(args) -> None:
     iterator = iter(strategy.distribute_datasets_from_function(
         train_dataset_fn(split, cfg.global_batch_size, cfg.seed)))
     for _ in range(args.warmup):
-        float(step(iterator)["loss"])
+        float(step(iterator)["loss"][-1])
     began = time.perf_counter()
     for _ in range(args.steps):
-        float(step(iterator)["loss"])
+        float(step(iterator)["loss"][-1])
     seconds = time.perf_counter() - began
     if is_chief(strategy):
         print(json.dumps({"tokens_per_second": args.steps * cfg.global_batch_size * SEQ_LEN

@@ -45,7 +45,7 @@ def _step_with(strategy, cfg, weights, windows, steps=1):
         per_replica = ctx.get_per_replica_batch_size(cfg.global_batch_size)
         return tf.data.Dataset.from_tensor_slices(windows).repeat().batch(per_replica)
     iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
-    losses = [float(step(iterator)["loss"]) for _ in range(steps)]
+    losses = [float(step(iterator)["loss"][0]) for _ in range(steps)]
     return model.get_weights(), losses
 
 

@@ -300,3 +300,29 @@ def test_bad_sampler_numbers_are_user_errors(kwargs, flag):
     from tfdp.generate import make_sampler
     with pytest.raises(UserError, match=flag):
         make_sampler("top_k", **kwargs)
+
+
+def test_steps_per_loop_trains_the_same_and_callbacks_see_every_step(tmp_path, text_file):
+    """5 steps per call (calls end at validation and checkpoint steps) give
+    the same weights, learning rates and losses as one step per call."""
+    import numpy as np
+    common = dict(data=str(text_file), train_steps=12, eval_every=6, checkpoint_every=4,
+                  **TINY)
+    runs = {}
+    for per_loop in (1, 5):
+        recorder = Recorder()
+        run = tmp_path / f"per_loop_{per_loop}"
+        metrics = train(Config(model_dir=str(run), steps_per_loop=per_loop, **common),
+                        callbacks=[recorder], log=_quiet)
+        batches = [logs for name, logs in recorder.calls if name == "batch_end"]
+        runs[per_loop] = (metrics, batches, load_trained(str(run))[0].get_weights())
+        assert len(batches) == 12
+        assert all((run / "checkpoints" / f"ckpt-{n}.index").exists() for n in (4, 8, 12))
+        assert [h["step"] for h in metrics["history"]] == [6, 12]
+    (m1, b1, w1), (m5, b5, w5) = runs[1], runs[5]
+    np.testing.assert_allclose([b["loss"] for b in b5], [b["loss"] for b in b1], rtol=1e-5)
+    np.testing.assert_allclose([b["learning_rate"] for b in b5],
+                               [b["learning_rate"] for b in b1], rtol=1e-6)
+    worst = max(float(np.max(np.abs(a - b))) for a, b in zip(w1, w5))
+    assert worst < 1e-5, worst
+    np.testing.assert_allclose(m5["val_loss"], m1["val_loss"], rtol=1e-5)

@@ -77,6 +77,7 @@ class Config:
     preemption_grace_seconds: float = 25.0  # SIGTERM -> checkpoint -> exit within this
     overwrite: bool = False  # discard an incompatible run in model_dir instead of refusing
     log_every: int = 50
+    steps_per_loop: int = 1  # steps per tf.function call (no Python between them)
     seed: int = 1234
     sample_tokens: int = 300
     sample_prompt: str | None = None  # None: lines of held-out validation text
@@ -97,7 +98,7 @@ class Config:
         positive = ("seq_len", "num_layers", "num_heads", "hidden_dim",
                     "intermediate_dim", "global_batch_size", "grad_accum_steps", "train_steps",
                     "eval_every", "checkpoint_every", "keep_checkpoints",
-                    "log_every", "num_cpu_replicas")
+                    "log_every", "num_cpu_replicas", "steps_per_loop")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name}={getattr(self, name)} must be a positive "

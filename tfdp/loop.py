@@ -46,7 +46,7 @@ class Trainer:
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self.callbacks = keras.callbacks.CallbackList(
             list(callbacks), add_history=False, add_progbar=False, model=model)
-        self.train_step = make_train_step(strategy, model, optimizer, cfg.global_batch_size,
+        self.train_steps = make_train_step(strategy, model, optimizer, cfg.global_batch_size,
                                           cfg.seq_len, cfg.clip_norm, cfg.jit_compile,
                                           cfg.all_reduce_dtype,
                                           skip_nonfinite=cfg.skip_nonfinite_steps > 0,
@@ -141,6 +141,25 @@ class Trainer:
             + "; lower --learning_rate, raise --warmup_steps or set --clip_norm"
             + ("" if limit else ", or skip such updates with --skip_nonfinite_steps=K"))
 
+    def _step_logs(self, step: int, loss: float, grad_norm: float, learning_rate: float,
+                   step_time: float, eval_seconds: float) -> dict:
+        """What callbacks get for the step `step` (0-based)."""
+        cfg = self.cfg
+        tokens_per_second = self.tokens_per_step / step_time
+        evals_left = (cfg.train_steps - 1) // cfg.eval_every - step // cfg.eval_every + 1
+        return {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "learning_rate": learning_rate,
+            "step_time": step_time,
+            "tokens_per_second": tokens_per_second,
+            "tokens_per_second_per_replica": tokens_per_second / self.replicas,
+            "peak_host_memory_gib": peak_host_memory_gib(),
+            "mfu": tokens_per_second * self.flops_per_token / self.peak_flops
+            if self.peak_flops else 0.0,
+            "eta_seconds": (cfg.train_steps - step - 1) * step_time + evals_left * eval_seconds,
+        }
+
     def _fit(self) -> dict:
         cfg = self.cfg
         start = self.step
@@ -156,39 +175,36 @@ class Trainer:
         epoch_logs: dict = {}
         step = start
         while step < cfg.train_steps:
+            # Up to --steps_per_loop steps per call, ending at every validation
+            # and checkpoint step.
+            n = min(cfg.steps_per_loop, cfg.train_steps - step,
+                    cfg.eval_every - step % cfg.eval_every,
+                    cfg.checkpoint_every - step % cfg.checkpoint_every)
             if step == start or step % cfg.eval_every == 0:
                 self.callbacks.on_epoch_begin(step // cfg.eval_every)
             self.callbacks.on_train_batch_begin(step)
-            learning_rate = float(self.optimizer.learning_rate.numpy())
             began = time.perf_counter()
-            with watchdog.watching():  # a lost peer cannot hold this step forever
-                out = self.train_step(iterator, tf.constant(float(bool(self._sigterm))))
-                loss = float(out["loss"])  # also waits for the step to finish
-            seconds = time.perf_counter() - began
-            if step > start:  # the first step includes tracing and compilation
-                recent.append(seconds)
-                train_time, timed_steps = train_time + seconds, timed_steps + 1
+            with watchdog.watching():  # a lost peer cannot hold these steps forever
+                out = self.train_steps(iterator, tf.constant(n),
+                                       tf.constant(float(bool(self._sigterm))))
+                losses = [float(x) for x in out["loss"].numpy()]  # waits for the steps
+            seconds = (time.perf_counter() - began) / len(losses)
+            if step > start:  # the first call includes tracing and compilation
+                recent.extend([seconds] * len(losses))
+                train_time += seconds * len(losses)
+                timed_steps += len(losses)
             step_time = sum(recent) / len(recent) if recent else seconds
-            tokens_per_second = self.tokens_per_step / step_time
-            evals_left = (cfg.train_steps - 1) // cfg.eval_every - step // cfg.eval_every + 1
-            logs = {
-                "loss": loss,
-                "grad_norm": float(out["grad_norm"]),
-                "learning_rate": learning_rate,
-                "step_time": step_time,
-                "tokens_per_second": tokens_per_second,
-                "tokens_per_second_per_replica": tokens_per_second / self.replicas,
-                "peak_host_memory_gib": peak_host_memory_gib(),
-                "mfu": tokens_per_second * self.flops_per_token / self.peak_flops
-                if self.peak_flops else 0.0,
-                "eta_seconds": (cfg.train_steps - step - 1) * step_time
-                + evals_left * eval_seconds,
-            }
-            self.callbacks.on_train_batch_end(step, logs)
-            step += 1
-            self._check_finite(step, loss, logs["grad_norm"])
-            if math.isfinite(loss):
-                epoch_losses.append(loss)
+            # Callbacks see every step, after the call that ran it.
+            for i, loss in enumerate(losses):
+                if i:
+                    self.callbacks.on_train_batch_begin(step)
+                logs = self._step_logs(step, loss, float(out["grad_norm"][i]),
+                                       float(out["learning_rate"][i]), step_time, eval_seconds)
+                self.callbacks.on_train_batch_end(step, logs)
+                step += 1
+                self._check_finite(step, loss, logs["grad_norm"])
+                if math.isfinite(loss):
+                    epoch_losses.append(loss)
             if step % cfg.eval_every == 0 or step == cfg.train_steps:
                 began = time.perf_counter()
                 epoch_logs = {**logs, "train_loss": sum(epoch_losses) / max(len(epoch_losses), 1),

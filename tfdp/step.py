@@ -34,9 +34,13 @@ def make_train_step(strategy, model, optimizer, global_batch_size: int, seq_len:
                     clip_norm: float, jit_compile: bool = True,
                     all_reduce_dtype: str = "float32", skip_nonfinite: bool = False,
                     grad_accum_steps: int = 1):
-    """Return a tf.function(iterator, stop) -> {"loss", "grad_norm", "stop"} running
-    one step; `stop` (float 0/1) is this worker's request to stop, "stop" says
-    whether any worker made one.
+    """Return a tf.function(iterator, num_steps, stop) running up to `num_steps`
+    steps in one call (a graph loop: no Python between steps), returning
+    {"loss", "grad_norm", "learning_rate"}, one entry per step run, and
+    "stop". `stop` (float 0/1) is this worker's request to stop; "stop" says
+    whether any worker made one, and the loop ends after that step. Without
+    `skip_nonfinite` it also ends after a step whose loss or gradient norm is
+    not finite, for the caller to report.
 
     With `skip_nonfinite`, a step whose reduced loss or gradient norm is NaN
     or Inf leaves weights and Adam moments untouched; the step counter
@@ -101,12 +105,25 @@ def make_train_step(strategy, model, optimizer, global_batch_size: int, seq_len:
         return loss, norm, stop
 
     @tf.function
-    def train_step(iterator, stop=tf.constant(0.0)):
-        loss, norm, stop = strategy.run(replica_step, args=(next(iterator), stop))
-        # After the all-reduce every replica holds the same loss, norm and stop.
+    def train_steps(iterator, num_steps=tf.constant(1), stop=tf.constant(0.0)):
         first = strategy.experimental_local_results
-        return {"loss": first(loss)[0], "grad_norm": first(norm)[0], "stop": first(stop)[0] > 0}
-    return train_step
+        losses, norms, rates = (tf.TensorArray(tf.float32, size=0, dynamic_size=True)
+                                for _ in range(3))
+        stopped = tf.constant(False)
+        for i in tf.range(num_steps):
+            rates = rates.write(i, tf.cast(optimizer.learning_rate, tf.float32))
+            loss, norm, stop_any = strategy.run(replica_step, args=(next(iterator), stop))
+            # After the all-reduce every replica holds the same loss, norm and stop.
+            loss, norm, stopped = first(loss)[0], first(norm)[0], first(stop_any)[0] > 0
+            losses, norms = losses.write(i, loss), norms.write(i, norm)
+            if stopped:
+                break
+            if not skip_nonfinite:
+                if not (tf.math.is_finite(loss) and tf.math.is_finite(norm)):
+                    break
+        return {"loss": losses.stack(), "grad_norm": norms.stack(),
+                "learning_rate": rates.stack(), "stop": stopped}
+    return train_steps
 
 
 def _apply_if_finite(optimizer, grads, variables, finite) -> None:

@@ -68,6 +68,11 @@ def define_train_flags() -> None:
     flags.DEFINE_bool("overwrite", _D.overwrite,
                       "Discard a run in --model_dir whose model, data or tokenizer differ "
                       "from these flags, instead of refusing (a compatible run is resumed).")
+    flags.DEFINE_integer("steps_per_loop", _D.steps_per_loop,
+                         "Training steps per call into TensorFlow (a graph loop, no Python "
+                         "between them); calls end at every validation and checkpoint step. "
+                         "Callbacks still see every step, after its call; SIGTERM and a "
+                         "stuck-worker check act between calls.")
     flags.DEFINE_integer("log_every", _D.log_every, "Print progress every this many steps.")
     flags.DEFINE_integer("seed", _D.seed, "Seed for initial weights, data order and sampling.")
     flags.DEFINE_integer("sample_tokens", _D.sample_tokens,

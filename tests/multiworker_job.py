@@ -8,7 +8,7 @@ with in-process MirroredStrategy and one-device runs.
 
     python tests/multiworker_job.py DATA_DIR OUT_DIR [--input_sharding=interleave]
                                     [--stall_worker_1_at=STEP]
-                                    [--hang_after_sigterm_at=STEP --grace=SECONDS]
+                                    [--hang_inside_step_after=STEP --grace=SECONDS]
 
 Without TF_CONFIG it runs as one process on one device.
 """
@@ -19,12 +19,14 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+import tfdp.step
 from tfdp.checkpoints import make_checkpoint
 from tfdp.config import Config
 from tfdp.loop import Trainer
@@ -66,20 +68,30 @@ def train_weights(strategy, data_dir: str, checkpoint_dir: str, cfg: Config = CF
     return model.get_weights(), logs
 
 
-class _HangAfterSigterm(keras.callbacks.Callback):
-    """After `step` steps, SIGTERM this process and never finish the next
-    step, as a step stuck on a lost peer or a hung device would."""
+class _HangInsideAStep(keras.callbacks.Callback):
+    """After `step` steps, the next step blocks inside TensorFlow (a py_function
+    in the loss), as on a hung device or peer, and SIGTERM arrives while the
+    main thread waits in TensorFlow, where Python cannot run a signal handler."""
+
+    hanging = threading.Event()
 
     def __init__(self, step: int):
         super().__init__()
         self.step = step
+        real = tfdp.step._token_losses
+
+        def block_when_hanging():
+            if self.hanging.is_set():
+                print("sigterm and hang", flush=True)
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(10_000)
+            return np.float32(1.0)
+        tfdp.step._token_losses = lambda *args, **kwargs: real(*args, **kwargs) * \
+            tf.py_function(block_when_hanging, [], tf.float32)
 
     def on_train_batch_end(self, batch, logs=None):
         if batch + 1 == self.step:
-            print("sigterm and hang", flush=True)
-            os.kill(os.getpid(), signal.SIGTERM)
-            while True:
-                time.sleep(1)
+            self.hanging.set()
 
 
 def _option(name: str) -> list[str]:
@@ -95,9 +107,10 @@ if __name__ == "__main__":
     stall = [int(s) for s in _option("stall_worker_1_at")]
     if stall:
         cfg = Config(**{**cfg.__dict__, "collective_timeout": 10.0})
-    hang = [int(s) for s in _option("hang_after_sigterm_at")]
-    if hang:
-        cfg = Config(**{**cfg.__dict__, "preemption_grace_seconds": float(_option("grace")[0])})
+    hang = [int(s) for s in _option("hang_inside_step_after")]
+    if hang:  # a py_function cannot be compiled by XLA
+        cfg = Config(**{**cfg.__dict__, "jit_compile": False,
+                        "preemption_grace_seconds": float(_option("grace")[0])})
     if "TF_CONFIG" in os.environ:
         task = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
         strategy = build_strategy("multi_worker_mirrored",
@@ -105,7 +118,7 @@ if __name__ == "__main__":
     else:
         task, strategy = 0, build_strategy("one_device")
     callbacks = [_Stall(stall[0])] if stall and task == 1 else []
-    callbacks += [_HangAfterSigterm(hang[0])] if hang else []
+    callbacks += [_HangInsideAStep(hang[0])] if hang else []
     try:
         weights, logs = train_weights(strategy, data_dir, os.path.join(out_dir, f"ckpt_{task}"),
                                       cfg, callbacks)

@@ -79,13 +79,14 @@ class _Snapshot(keras.callbacks.Callback):
 
 
 def test_nonfinite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, text_file, poison):
+    """The NaN comes at step 10, a checkpoint step: the run stops before saving it."""
     run = tmp_path / "run"
-    snapshot = _Snapshot(run / "checkpoints", 8)
+    snapshot = _Snapshot(run / "checkpoints", 10)
     with pytest.raises(UserError) as err:
         train(Config(data=str(text_file), model_dir=str(run), **COMMON),
-              callbacks=[poison([8]), snapshot], log=lambda *_: None)
+              callbacks=[poison([10]), snapshot], log=lambda *_: None)
     message = str(err.value)
-    assert message.startswith("loss nan, gradient norm nan at step 8; training stopped and "
+    assert message.startswith("loss nan, gradient norm nan at step 10; training stopped and "
                               "its last checkpoint (ckpt-5) is untouched"), message
     assert "--skip_nonfinite_steps=K" in message and "\n" not in message
     assert _digest(run / "checkpoints") == snapshot.files  # not one byte changed
@@ -165,8 +166,9 @@ def test_resuming_with_another_whole_file_layout_warns(tmp_path, text_file):
     tf.train.CheckpointManager(checkpoint, str(run / "checkpoints"), 3).save(5)
     lines = []
     train(Config(**{**cfg.__dict__, "train_steps": 6}), log=lines.append)
-    assert any("warning: the checkpoint was written with 2 input pipeline(s) and this run has "
-               "1" in line for line in lines), lines
+    assert any("warning: the data order from here differs from an uninterrupted run: the "
+               "checkpoint was written with 2 input pipeline(s) reading whole shard files, this "
+               "run reads 1 way(s)" in line for line in lines), lines
     # The new checkpoint records this run's layout: no warning next time.
     checkpoint.restore(tf.train.latest_checkpoint(str(run / "checkpoints"))).expect_partial()
     assert int(checkpoint.input_pipelines.numpy()) == 1

@@ -78,15 +78,15 @@ def test_sigterm_checkpoints_the_current_step_and_exits_75(tmp_path, text_file, 
 
 
 def test_a_step_that_never_ends_after_sigterm_exits_75_within_the_grace(tmp_path, text_file):
-    """SIGTERM arrives and the step never finishes (a hung device or peer):
-    the process still exits 75 once --preemption_grace_seconds have passed,
-    saying where a resume will start."""
+    """A step hangs inside TensorFlow (a hung device or peer) and SIGTERM comes
+    meanwhile: the process still exits 75 once --preemption_grace_seconds
+    have passed, saying where a resume will start."""
     from tfdp.prepare import prepare
     prepare([text_file], str(tmp_path / "data"), "byte", val_fraction=0.1, log=lambda *_: None)
     (tmp_path / "out").mkdir()
     job = Path(__file__).with_name("multiworker_job.py")
     proc = _start([sys.executable, str(job), str(tmp_path / "data"), str(tmp_path / "out"),
-                   "--hang_after_sigterm_at=12", "--grace=3"], tmp_path)
+                   "--hang_inside_step_after=12", "--grace=3"], tmp_path)
     lines: list[str] = []
     try:
         _wait_for(proc, r"sigterm and hang", lines)
@@ -99,7 +99,7 @@ def test_a_step_that_never_ends_after_sigterm_exits_75_within_the_grace(tmp_path
             proc.communicate()
     output = "".join(lines) + rest
     assert proc.returncode == 75, output[-3000:]
-    assert 2.5 < took < 3 + 5, took
+    assert 1.0 < took < 3 + 5, took
     assert ("multiworker_job.py: error: stopped by SIGTERM: not done within "
             "--preemption_grace_seconds=3; running the same command again resumes from its "
             "last checkpoint (ckpt-10)") in output, output[-3000:]

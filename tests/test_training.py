@@ -171,8 +171,8 @@ def test_interrupted_then_resumed_run_equals_a_straight_one(tmp_path, text_file)
 
 
 def test_resumed_tensorboard_logs_drop_the_steps_trained_again(tmp_path):
-    """Events logged after the last checkpoint are dropped on resume, also
-    after a crash part-way through an earlier rewrite."""
+    """Events logged after the checkpoint a run resumes from are dropped,
+    file by file, and files with nothing later are left alone."""
     import tensorflow as tf
     from tfdp.callbacks import drop_events_after
 
@@ -186,17 +186,16 @@ def test_resumed_tensorboard_logs_drop_the_steps_trained_again(tmp_path):
     drop_events_after(str(tmp_path), 20)
     assert _logged_steps(tmp_path) == list(range(1, 21))
     log(range(21, 38))  # crashed again at 37, checkpoint 30
-    before = sorted(os.listdir(tmp_path))
+    first = sorted(tmp_path.iterdir())[0]
+    untouched = (first.read_bytes(), first.stat().st_mtime_ns)
     drop_events_after(str(tmp_path), 30)
     assert _logged_steps(tmp_path) == list(range(1, 31))
-    assert sorted(os.listdir(tmp_path)) == before[:1]  # kept events replace the oldest file
-    # A crash after the kept file replaced the oldest one but before the
-    # others were deleted: the next rewrite still keeps each step once.
-    log(range(25, 34))
-    drop_events_after(str(tmp_path), 30)
-    assert _logged_steps(tmp_path) == list(range(1, 31))
-    drop_events_after(str(tmp_path), 30)  # nothing later than 30: untouched
-    assert _logged_steps(tmp_path) == list(range(1, 31))
+    assert (first.read_bytes(), first.stat().st_mtime_ns) == untouched
+    # The newest checkpoint was unreadable and the run fell back to step 10.
+    drop_events_after(str(tmp_path), 10)
+    assert _logged_steps(tmp_path) == list(range(1, 11))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        p.name for p in tmp_path.iterdir() if p.name.startswith("events.out.tfevents."))
 
 
 def test_a_truncated_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, text_file):

@@ -60,8 +60,8 @@ class ScalarSummaries(keras.callbacks.Callback):
     indexed by training step.
 
     A run resumed at `start_step` first drops what an interrupted run logged
-    after its last checkpoint: those steps are trained again, and TensorBoard
-    would otherwise show them twice.
+    after the checkpoint it resumes from: those steps are trained again, and
+    TensorBoard would otherwise show them twice.
     """
 
     def __init__(self, logdir: str, start_step: int = 0):
@@ -92,34 +92,31 @@ class ScalarSummaries(keras.callbacks.Callback):
 
 
 def drop_events_after(logdir: str, step: int) -> None:
-    """Rewrite the event files in `logdir` keeping only events up to `step`,
-    each (step, tag) once; untouched when nothing is later than `step`.
+    """Drop the events later than `step` from the event files in `logdir`.
 
-    The kept events replace the oldest file (so they sort before any file a
-    new writer starts) and the other files are deleted after that, so a crash
-    part-way loses nothing: the next resume rewrites again, without repeats.
+    Each file holding such events is rewritten on its own: the events up to
+    `step` are streamed into a staged copy, which is synced and then
+    replaces the file. A crash part-way leaves every file either old or
+    rewritten, and the next resume finishes the job; files with nothing
+    later than `step` are not touched.
     """
-    files = sorted(glob.glob(os.path.join(logdir, "events.out.tfevents.*")))
-    events = []
-    for path in files:
-        try:
-            for record in tf.data.TFRecordDataset(path):
-                events.append(tf.compat.v1.Event.FromString(record.numpy()))
-        except tf.errors.DataLossError:  # a record cut short by the crash: keep what came before
-            pass
-    if not any(e.step > step for e in events):
+    for path in sorted(glob.glob(os.path.join(logdir, "events.out.tfevents.*"))):
+        if not any(e.step > step for e in _events(path)):
+            continue
+        staged = os.path.join(logdir, ".rewrite.tmp")
+        with tf.io.TFRecordWriter(staged) as writer:
+            for event in _events(path):
+                if event.step <= step:
+                    writer.write(event.SerializeToString())
+        with open(staged, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(staged, path)
+
+
+def _events(path: str):
+    """The events of one file, stopping quietly at a record a crash cut short."""
+    try:
+        for record in tf.data.TFRecordDataset(path):
+            yield tf.compat.v1.Event.FromString(record.numpy())
+    except tf.errors.DataLossError:
         return
-    kept, seen = [], set()
-    for event in events:
-        key = (event.step, tuple(v.tag for v in event.summary.value)) if event.HasField(
-            "summary") else ("meta", event.WhichOneof("what"))
-        if event.step <= step and key not in seen:
-            seen.add(key)
-            kept.append(event)
-    staged = os.path.join(logdir, ".kept-events.tmp")
-    with tf.io.TFRecordWriter(staged) as writer:
-        for event in kept:
-            writer.write(event.SerializeToString())
-    os.replace(staged, files[0])
-    for path in files[1:]:
-        os.remove(path)

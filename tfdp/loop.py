@@ -13,9 +13,6 @@ import collections
 import math
 import os
 import resource
-import signal
-import sys
-import threading
 import time
 
 import keras
@@ -24,6 +21,7 @@ import tensorflow as tf
 from tfdp import checkpoints, watchdog
 from tfdp.cluster import input_pipeline
 from tfdp.errors import Preempted, UserError
+from tfdp.preemption import PreemptionGuard
 from tfdp.dataset import Split, eval_dataset_fn, eval_steps_for, train_dataset_fn
 from tfdp.step import make_eval_step, make_train_step
 
@@ -38,10 +36,13 @@ class Trainer:
 
     def __init__(self, cfg, strategy, model, optimizer, train: Split, val: Split,
                  checkpoints: tf.train.CheckpointManager, callbacks=(),
-                 flops_per_token: float = 0.0, peak_flops: float = 0.0, log=lambda *_: None):
-        """`checkpoints` manages a checkpoint made by tfdp.checkpoints.make_checkpoint."""
+                 flops_per_token: float = 0.0, peak_flops: float = 0.0, log=lambda *_: None,
+                 before_exit=None):
+        """`checkpoints` manages a checkpoint made by tfdp.checkpoints.make_checkpoint;
+        `before_exit()` runs before a forced exit after SIGTERM."""
         self.cfg, self.strategy, self.model, self.optimizer = cfg, strategy, model, optimizer
         self.train, self.val, self.checkpoints, self.log = train, val, checkpoints, log
+        self.before_exit = before_exit
         self.nonfinite_steps = checkpoints.checkpoint.nonfinite_steps  # skipped so far
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self.callbacks = keras.callbacks.CallbackList(
@@ -60,7 +61,6 @@ class Trainer:
         # validation split's own token/byte ratio from the manifest.
         self.tokens_per_byte = val.num_tokens / max(val.num_bytes, 1)
         self.history: list[dict] = []
-        self._sigterm: list[int] = []  # appended to by the SIGTERM handler
 
     @property
     def step(self) -> int:
@@ -89,37 +89,17 @@ class Trainer:
         """Train from the current step to `train_steps`; return the last epoch's logs.
 
         SIGTERM (what Kubernetes and SLURM send before they kill) lets the
-        current step finish; then every worker saves a checkpoint at that
-        step and raises Preempted (exit code 75). Should that take longer
-        than --preemption_grace_seconds (a step or a peer that hangs, a slow
-        disk), the process exits with 75 anyway, before the scheduler's
-        SIGKILL, and says what it saved.
+        current call into TensorFlow finish; the next step carries the stop
+        request to every worker, all save a checkpoint at that step and raise
+        Preempted (exit code 75). Whatever happens, the process is gone
+        within --preemption_grace_seconds (tfdp/preemption.py).
         """
-        self._sigterm = []
-        try:
-            previous = signal.signal(signal.SIGTERM, self._on_sigterm)
-        except ValueError:  # not the main thread: leave signals alone
+        def resume_point():
+            latest = self.checkpoints.latest_checkpoint
+            return f"its last checkpoint ({os.path.basename(latest)})" if latest else "step 0"
+        with PreemptionGuard(self.cfg.preemption_grace_seconds, resume_point,
+                             self.before_exit) as self._preemption:
             return self._fit()
-        try:
-            return self._fit()
-        finally:
-            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
-
-    def _on_sigterm(self, *_):
-        if not self._sigterm:
-            timer = threading.Timer(self.cfg.preemption_grace_seconds, self._out_of_grace)
-            timer.daemon = True
-            timer.start()
-        self._sigterm.append(1)
-
-    def _out_of_grace(self):
-        latest = self.checkpoints.latest_checkpoint
-        print(f"{os.path.basename(sys.argv[0])}: error: stopped by SIGTERM: not done within "
-              f"--preemption_grace_seconds={self.cfg.preemption_grace_seconds:g}; running the "
-              "same command again resumes from "
-              + (f"its last checkpoint ({os.path.basename(latest)})" if latest else "step 0"),
-              file=sys.stderr, flush=True)
-        os._exit(Preempted.exit_code)
 
     def _check_finite(self, step: int, loss: float, grad_norm: float) -> None:
         """Stop at a NaN/Inf loss or gradient before it is checkpointed, or,
@@ -186,7 +166,7 @@ class Trainer:
             began = time.perf_counter()
             with watchdog.watching():  # a lost peer cannot hold these steps forever
                 out = self.train_steps(iterator, tf.constant(n),
-                                       tf.constant(float(bool(self._sigterm))))
+                                       tf.constant(float(self._preemption.requested)))
                 losses = [float(x) for x in out["loss"].numpy()]  # waits for the steps
             seconds = (time.perf_counter() - began) / len(losses)
             if step > start:  # the first call includes tracing and compilation
@@ -218,6 +198,7 @@ class Trainer:
             if stop or preempted or step % cfg.checkpoint_every == 0 or step == cfg.train_steps:
                 checkpoints.save(self.checkpoints, step)
             if preempted:
+                self.callbacks.on_train_end(epoch_logs)  # flushes TensorBoard up to here
                 raise Preempted(f"stopped by SIGTERM after step {step}, checkpoint saved; run "
                                 "the same command again to resume")
             if stop:

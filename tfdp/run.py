@@ -121,7 +121,7 @@ def train(cfg: Config, callbacks=(), log=print) -> dict:
         raise UserError(f"--model_dir={cfg.model_dir} {reason}; use a new --model_dir or the "
                         "same flags, or pass --overwrite to discard that run")
     if reason and chief:
-        rundir.discard(model_dir, log)
+        rundir.discard(model_dir, log, keep=os.path.expanduser(cfg.data))
     try:
         if chief:
             return _train_in(cfg, strategy, model_dir, model_dir, callbacks, log,
@@ -169,9 +169,9 @@ def _train_in(cfg: Config, strategy, model_dir: str, write_dir: str, callbacks, 
         restore_newest_readable(checkpoint, os.path.join(model_dir, "checkpoints"), say)
     check_same_step(strategy, optimizer.iterations)
     if int(checkpoint.input_pipelines.numpy()) != pipelines:
-        say(f"warning: the checkpoint was written with {int(checkpoint.input_pipelines.numpy())} "
-            f"input pipeline(s) and this run has {pipelines}, each reading whole shard files: "
-            "from here the data order differs from an uninterrupted run "
+        say(f"warning: the data order from here differs from an uninterrupted run: the "
+            f"checkpoint was written with {int(checkpoint.input_pipelines.numpy())} input "
+            f"pipeline(s) reading whole shard files, this run reads {pipelines} way(s) "
             "(--input_sharding=interleave keeps one order for any worker count)")
         checkpoint.input_pipelines.assign(pipelines)
     # Only now, with data, model and checkpoint known to fit, is the run recorded.
@@ -196,7 +196,8 @@ def _train_in(cfg: Config, strategy, model_dir: str, write_dir: str, callbacks, 
            ScalarSummaries(os.path.join(model_dir, "tensorboard"), start_step=step),
            _HistoryWriter(os.path.join(model_dir, "metrics.json"), history)] if chief else []
     trainer = Trainer(cfg, strategy, model, optimizer, train_split, val_split, manager,
-                      own + list(callbacks), flops_per_token=fpt, peak_flops=peak, log=say)
+                      own + list(callbacks), flops_per_token=fpt, peak_flops=peak, log=say,
+                      before_exit=None if chief else lambda: shutil.rmtree(write_dir, True))
     if trainer.step >= cfg.train_steps:
         say(f"already trained to step {trainer.step} of --train_steps={cfg.train_steps}; "
             "raise --train_steps to continue")

@@ -23,6 +23,7 @@ from tfdp.prepare import is_prepared
 # recognisably a tfdp run.
 RUN_ENTRIES = ("checkpoints", "tensorboard", "metrics.json", "sample.txt", "data",
                "tokenizer", "config.json")
+TRASH_PREFIX = ".tfdp-discarded-"  # what discard() moves entries into, inside model_dir
 
 
 def check_usable(model_dir: str) -> None:
@@ -31,7 +32,7 @@ def check_usable(model_dir: str) -> None:
     if os.path.exists(model_dir) and not os.path.isdir(model_dir):
         raise UserError(f"--model_dir={model_dir} is a file, not a directory; "
                         "choose a new directory")
-    if os.path.isdir(model_dir) and os.listdir(model_dir) and \
+    if os.path.isdir(model_dir) and _entries(model_dir) and \
             not os.path.isfile(os.path.join(model_dir, "config.json")):
         raise UserError(f"--model_dir={model_dir} is not empty and holds no tfdp run "
                         "(no config.json); choose a new or empty directory")
@@ -46,18 +47,27 @@ def check_usable(model_dir: str) -> None:
                         "denied); choose a directory you can write to")
 
 
+def _entries(model_dir: str) -> list[str]:
+    """What model_dir holds, leaving out what an interrupted discard left."""
+    return [n for n in os.listdir(model_dir) if not n.startswith(TRASH_PREFIX)]
+
+
 def conflict(cfg: Config, model_dir: str) -> str | None:
     """Why the run in model_dir cannot be continued by `cfg`, or None (no run
-    there, or a compatible one). Only reads, so every worker may call it."""
-    saved = Config.load(model_dir)
-    if saved is None:
+    there, or a compatible one). Only reads, so every worker may call it; a
+    run the chief is discarding meanwhile counts as none."""
+    try:
+        saved = Config.load(model_dir)
+        if saved is None:
+            return None
+        reason = cfg.resume_conflicts(saved)
+        data = os.path.expanduser(cfg.data)
+        if reason is None and is_prepared(data) and not _same_files(
+                os.path.join(data, "tokenizer"), os.path.join(model_dir, "tokenizer")):
+            reason = (f"was trained with another tokenizer than the one in --data={cfg.data} "
+                      f"({os.path.join(model_dir, 'tokenizer')} differs)")
+    except FileNotFoundError:
         return None
-    reason = cfg.resume_conflicts(saved)
-    data = os.path.expanduser(cfg.data)
-    if reason is None and is_prepared(data) and not _same_files(
-            os.path.join(data, "tokenizer"), os.path.join(model_dir, "tokenizer")):
-        reason = (f"was trained with another tokenizer than the one in --data={cfg.data} "
-                  f"({os.path.join(model_dir, 'tokenizer')} differs)")
     return reason
 
 
@@ -69,14 +79,21 @@ def _same_files(a: str, b: str) -> bool:
         filecmp.cmp(os.path.join(a, n), os.path.join(b, n), shallow=False) for n in names)
 
 
-def discard(model_dir: str, say) -> None:
-    """Remove the run in model_dir (tfdp's own entries only): each is first
-    moved into one scratch directory beside model_dir, then that is deleted."""
-    trash = tempfile.mkdtemp(prefix=".tfdp-discarded-", dir=os.path.dirname(model_dir))
+def discard(model_dir: str, say, keep: str = "") -> None:
+    """Remove the run in model_dir (tfdp's own entries only, and never one
+    holding the path `keep`, the data this run reads): each is first moved
+    into a scratch directory inside model_dir, then that is deleted. What a
+    crash part-way leaves there is swept up the next time."""
+    for stale in os.listdir(model_dir):
+        if stale.startswith(TRASH_PREFIX):
+            shutil.rmtree(os.path.join(model_dir, stale), ignore_errors=True)
+    keep = os.path.realpath(keep) if keep else ""
+    trash = tempfile.mkdtemp(prefix=TRASH_PREFIX, dir=model_dir)
     try:
         for name in RUN_ENTRIES:
             path = os.path.join(model_dir, name)
-            if os.path.lexists(path):
+            inside = keep and (keep + os.sep).startswith(os.path.realpath(path) + os.sep)
+            if os.path.lexists(path) and not inside:
                 os.rename(path, os.path.join(trash, name))
     finally:
         shutil.rmtree(trash, ignore_errors=True)

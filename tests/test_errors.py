@@ -87,6 +87,8 @@ def train_cli(model_dir: Path, *flags: str, env=None):
     ({"all_reduce_dtype": "float16"}, "--all_reduce_dtype='float16'"),
     ({"skip_nonfinite_steps": -1}, "--skip_nonfinite_steps=-1"),
     ({"grad_accum_steps": 0}, "--grad_accum_steps=0"),
+    ({"steps_per_loop": 0}, "--steps_per_loop=0"),
+    ({"mixed_precision": "fp8"}, "--mixed_precision='fp8'"),
     ({"preemption_grace_seconds": 0}, "--preemption_grace_seconds=0"),
 ])
 def test_config_validate_rejects(overrides, flag):

@@ -154,3 +154,20 @@ def test_gradient_accumulation_gives_the_whole_batch_update(mirrored):
     _assert_moved(weights, micro)
     _assert_same(whole, micro, atol=3e-5)
     np.testing.assert_allclose(micro_losses, losses, rtol=1e-5)
+
+
+def test_bf16_mixed_precision_keeps_float32_weights_and_loss(mirrored):
+    """bfloat16 compute: the weights (and so the checkpoints) stay float32, the
+    loss comes out float32 and close to the float32 run's, and it trains."""
+    weights, windows = _initial_weights(), _windows()
+    exact, loss = _step_with(mirrored, CFG, weights, windows, steps=3)
+    bf16 = Config(**{**CFG.__dict__, "mixed_precision": "bf16"})
+    with mirrored.scope():
+        model = build_model(bf16, V)
+    assert model.backbone.get_layer("transformer_layer_0").compute_dtype == "bfloat16"
+    assert all(v.dtype == "float32" for v in model.trainable_variables)
+    mixed, mixed_loss = _step_with(mirrored, bf16, weights, windows, steps=3)
+    assert all(w.dtype == np.float32 for w in mixed)
+    np.testing.assert_allclose(mixed_loss[0], loss[0], rtol=2e-2)
+    assert mixed_loss[-1] < mixed_loss[0]
+    _assert_moved(weights, mixed)

@@ -19,6 +19,7 @@ TOKENIZERS = ("byte", "char", "wordpiece", "sentencepiece")
 SAMPLERS = ("greedy", "top_k", "top_p")
 INPUT_SHARDING = ("auto", "interleave")
 ALL_REDUCE_DTYPES = ("float32", "bfloat16")
+MIXED_PRECISION = ("off", "bf16")
 
 # Fields that fix the model's shape, the meaning of its tokens, or the data
 # order (a pure function of seed, step and global batch). A model_dir written
@@ -85,6 +86,7 @@ class Config:
     strategy: str = "auto"
     num_cpu_replicas: int = 2
     jit_compile: bool = True
+    mixed_precision: str = "off"  # bf16: bfloat16 compute, float32 weights, loss and softmax
     # Multi-worker: how long a dead, frozen or missing worker may hold up the
     # others (tfdp/watchdog.py), and the first port of each SLURM node's tasks.
     collective_timeout: float = 600.0
@@ -113,7 +115,8 @@ class Config:
                             "(or omitted for the tokenizer's default)")
         for name, choices in (("strategy", STRATEGIES), ("tokenizer", TOKENIZERS),
                               ("input_sharding", INPUT_SHARDING),
-                              ("all_reduce_dtype", ALL_REDUCE_DTYPES)):
+                              ("all_reduce_dtype", ALL_REDUCE_DTYPES),
+                              ("mixed_precision", MIXED_PRECISION)):
             if getattr(self, name) not in choices:
                 raise UserError(f"--{name}={getattr(self, name)!r} is unknown; "
                                 f"use one of {', '.join(choices)}")

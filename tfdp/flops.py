@@ -45,8 +45,9 @@ def measure_matmul_flops(device: str = "/cpu:0", size: int = 1024, dtype=tf.floa
     return best
 
 
-def machine_peak_flops(strategy: tf.distribute.Strategy) -> float:
-    """Peak FLOP/s of all devices the job trains on (see module doc).
+def machine_peak_flops(strategy: tf.distribute.Strategy, dtype=tf.float32) -> float:
+    """Peak FLOP/s of all devices the job trains on, for matmuls in `dtype`
+    (the compute dtype: bfloat16 under --mixed_precision=bf16; see module doc).
 
     Measured on this process's devices and scaled by the number of workers
     (replicas in sync / local replicas), assuming identical workers, so
@@ -56,5 +57,5 @@ def machine_peak_flops(strategy: tf.distribute.Strategy) -> float:
     workers = strategy.num_replicas_in_sync / len(devices)
     gpus = [d for d in devices if "GPU" in d.upper()]
     if gpus:
-        return measure_matmul_flops(gpus[0], size=4096) * len(gpus) * workers
-    return measure_matmul_flops(devices[0]) * workers
+        return measure_matmul_flops(gpus[0], size=4096, dtype=dtype) * len(gpus) * workers
+    return measure_matmul_flops(devices[0], dtype=dtype) * workers

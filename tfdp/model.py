@@ -23,12 +23,19 @@ def build_model(cfg, vocab_size: int) -> keras_hub.models.GPT2CausalLM:
         intermediate_dim=cfg.intermediate_dim,
         dropout=cfg.dropout,
         max_sequence_length=cfg.seq_len,
+        dtype=dtype_policy(cfg),
     )
     return keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
 
 
+def dtype_policy(cfg) -> str:
+    """Keras dtype policy: float32 weights always; bfloat16 compute under bf16."""
+    return "mixed_bfloat16" if cfg.mixed_precision == "bf16" else "float32"
+
+
 def logits(model: keras.Model, token_ids, training: bool = False):
-    """Next-token logits [batch, time, vocab] for packed (unpadded) windows."""
+    """Next-token logits [batch, time, vocab] for packed (unpadded) windows, in
+    the compute dtype (callers cast to float32 before any softmax)."""
     mask = tf.ones_like(token_ids, dtype=tf.bool)
     return model({"token_ids": token_ids, "padding_mask": mask}, training=training)
 

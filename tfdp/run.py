@@ -183,12 +183,14 @@ def _train_in(cfg: Config, strategy, model_dir: str, write_dir: str, callbacks, 
     num_params = count_params(model)
     fpt = flops_per_token(non_embedding_params(model), cfg.num_layers, cfg.num_heads,
                           cfg.hidden_dim // cfg.num_heads, cfg.seq_len)
-    peak = machine_peak_flops(strategy)
+    peak = machine_peak_flops(strategy, tf.bfloat16 if cfg.mixed_precision == "bf16"
+                              else tf.float32)
     say(f"model: {num_params:,} parameters, {fpt / 1e6:.2f} MFLOPs/token; "
         f"data: {train_split.num_windows:,} train / {val_split.num_windows:,} val windows "
         f"{'(this worker: whole shard files) ' if train_split.shards is not None else ''}"
         f"of {cfg.seq_len + 1} {manifest['tokenizer']} tokens; "
-        f"measured peak {peak / 1e9:.1f} GFLOP/s")
+        f"measured {'bfloat16' if cfg.mixed_precision == 'bf16' else 'float32'} matmul peak "
+        f"{peak / 1e9:.1f} GFLOP/s")
     previous = read_json(os.path.join(model_dir, "metrics.json"))
     step = int(optimizer.iterations.numpy())
     history = [h for h in previous.get("history", []) if h.get("step", 0) <= step]

@@ -6,7 +6,8 @@ import dataclasses
 
 from absl import flags
 
-from tfdp.config import ALL_REDUCE_DTYPES, INPUT_SHARDING, STRATEGIES, TOKENIZERS, Config
+from tfdp.config import (ALL_REDUCE_DTYPES, INPUT_SHARDING, MIXED_PRECISION, STRATEGIES,
+                         TOKENIZERS, Config)
 
 FLAGS = flags.FLAGS
 _D = Config()
@@ -87,6 +88,10 @@ def define_train_flags() -> None:
                          "Replicas when training on CPU (the CPU is split into logical devices).")
     flags.DEFINE_bool("jit_compile", _D.jit_compile,
                       "Compile each replica's forward/backward with XLA.")
+    flags.DEFINE_enum("mixed_precision", _D.mixed_precision, MIXED_PRECISION,
+                      "bf16: matmuls and activations in bfloat16 (Keras' mixed_bfloat16 "
+                      "policy); weights, optimizer state, checkpoints, the loss and its "
+                      "softmax stay float32.")
     flags.DEFINE_float("collective_timeout", _D.collective_timeout,
                        "Multi-worker: seconds a dead, frozen or missing worker may hold up the "
                        "others before they all stop with an error naming it.")

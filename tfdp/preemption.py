@@ -52,8 +52,11 @@ class PreemptionGuard:
         self._reader.start()
         return self
 
-    def __exit__(self, *exc) -> None:
-        if self._timer is not None:  # training is over: the normal exit path takes it
+    def __exit__(self, exc_type, *_) -> None:
+        # Training finished: the run ends normally (metrics, sample). After an
+        # exception (Preempted, ...) the deadline stays: the process is on its
+        # way out, and a teardown that hangs (a dead peer) must not outlive it.
+        if self._timer is not None and exc_type is None:
             self._timer.cancel()
         if not self._installed:
             return

@@ -55,7 +55,8 @@ def test_tiny_model_overfits_tiny_text(tmp_path, text_file):
     cfg = Config(data=str(text_file), model_dir=str(tmp_path / "run"), train_steps=300,
                  eval_every=100, checkpoint_every=300, learning_rate=3e-3,
                  min_learning_rate=3e-4, val_fraction=0.1,
-                 **{**TINY, "num_layers": 2, "hidden_dim": 64, "intermediate_dim": 128})
+                 **{**TINY, "num_layers": 2, "hidden_dim": 64, "intermediate_dim": 128,
+                    "jit_compile": True})  # 300 steps: compiling pays
     metrics = train(cfg, log=_quiet)
     start = math.log(257)  # a fresh model predicts ~uniformly over 257 bytes
     # train_loss: the mean over the last 100 steps.

@@ -65,6 +65,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "jit_compile=True, or both (default)")
     parser.add_argument("--skip-no-jit", action="store_true",
                         help="do not time tfdp with jit_compile=False")
+    parser.add_argument("--bf16", action="store_true",
+                        help="also time tfdp with --mixed_precision=bf16 (its MFU column "
+                             "still uses the float32 matmul peak)")
     args = parser.parse_args(argv)
     if args.steps < 2 or args.rounds < 1 or args.replicas < 1 or args.warmup < 1:
         parser.error("--steps must be >= 2; --rounds, --replicas and --warmup >= 1")
@@ -257,6 +260,10 @@ def main(argv=None) -> int:
         tag = f"tfdp ({kind} x{replicas}"
         variants: list[Variant] = [
             TfdpVariant(f"{tag}, XLA)", "tfdp", strategy, vocab, train, cfg, True)]
+        if args.bf16:
+            variants.append(TfdpVariant(f"{tag}, XLA, bf16)", "tfdp-bf16", strategy, vocab,
+                                        train, dataclasses.replace(cfg, mixed_precision="bf16"),
+                                        True))
         if not args.skip_no_jit:
             variants.append(TfdpVariant(f"{tag}, no XLA)", "tfdp-nojit", strategy, vocab,
                                         train, cfg, False))

@@ -24,12 +24,29 @@ def _start(cmd, tmp_path):
                             env=_env(tmp_path))
 
 
-def _wait_for(proc, pattern: str, lines: list[str], limit: float = 240) -> None:
+def _run_past(proc, pattern: str, sigterm: bool, limit: float = 240):
+    """Read output until a line matches `pattern`, then (with `sigterm`) send
+    SIGTERM and read the rest; return (all output, seconds from then to exit,
+    whether the pattern came). The process never outlives this call."""
+    lines, seen, took = [], False, 0.0
     deadline = time.monotonic() + limit
-    for line in proc.stdout:
-        lines.append(line)
-        if re.search(pattern, line) or time.monotonic() > deadline:
-            return
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            seen = bool(re.search(pattern, line))
+            if seen or time.monotonic() > deadline:
+                break
+        if seen:
+            if sigterm:
+                proc.send_signal(signal.SIGTERM)
+            sent = time.monotonic()
+            lines.append(proc.communicate(timeout=60)[0])
+            took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            lines.append(proc.communicate()[0])
+    return "".join(lines), took, seen
 
 
 def _train_args(text_file, model_dir):
@@ -46,19 +63,8 @@ def test_sigterm_checkpoints_the_current_step_and_exits_75(tmp_path, text_file, 
         cmd = [str(BIN / "tfdp-launch"), f"--num_workers={workers}", "--",
                "tfdp-train", *_train_args(text_file, model_dir)]
     proc = _start(cmd, tmp_path)
-    lines: list[str] = []
-    try:
-        _wait_for(proc, r"step 5/", lines)
-        assert any("step 5/" in line for line in lines), "".join(lines)
-        proc.send_signal(signal.SIGTERM)
-        sent = time.monotonic()
-        rest, _ = proc.communicate(timeout=60)
-        took = time.monotonic() - sent
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    output = "".join(lines) + rest
+    output, took, seen = _run_past(proc, r"step 5/", sigterm=True)
+    assert seen, output[-3000:]
     assert proc.returncode == 75, output[-3000:]
     assert took < 30, took
     assert "Traceback" not in output
@@ -87,17 +93,8 @@ def test_a_step_that_never_ends_after_sigterm_exits_75_within_the_grace(tmp_path
     job = Path(__file__).with_name("multiworker_job.py")
     proc = _start([sys.executable, str(job), str(tmp_path / "data"), str(tmp_path / "out"),
                    "--hang_inside_step_after=12", "--grace=3"], tmp_path)
-    lines: list[str] = []
-    try:
-        _wait_for(proc, r"sigterm and hang", lines)
-        sent = time.monotonic()
-        rest, _ = proc.communicate(timeout=60)
-        took = time.monotonic() - sent
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    output = "".join(lines) + rest
+    output, took, seen = _run_past(proc, r"sigterm and hang", sigterm=False)
+    assert seen, output[-3000:]
     assert proc.returncode == 75, output[-3000:]
     assert 1.0 < took < 3 + 5, took
     assert ("multiworker_job.py: error: stopped by SIGTERM: not done within "

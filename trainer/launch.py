@@ -7,7 +7,6 @@ MultiWorkerMirroredStrategy on loopback ports, streams their output as
 `[worker i] ...`, and exits with the first failing worker's code.
 """
 
-import sys
 
 from absl import flags
 

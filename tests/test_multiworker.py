@@ -255,7 +255,9 @@ def test_lost_worker_stops_the_job(tmp_path, text_file, how):
     else:  # the survivor fails first; the launcher then ends the frozen worker
         assert "tfdp-launch: worker 0 (pid" in output
         assert "killing the remaining workers (SIGKILL)" in output  # SIGTERM waits while stopped
-    assert ended < timeout + 10 + 5 + 10 + 15, ended  # + grace + SIGTERM wait + slack
+    # A bound against hanging, not a speed claim: generous slack for a loaded machine
+    # (56 s was seen once under a slow CI run).
+    assert ended < timeout + 10 + 5 + 10 + 30, ended  # + grace + SIGTERM wait + slack
     assert _no_processes_mention(str(model_dir)) == []
     if how == "frozen":
         return

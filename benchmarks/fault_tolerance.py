@@ -37,6 +37,7 @@ def checkpoint_costs(saves: int) -> dict:
     import tensorflow as tf
     from tfdp.checkpoints import make_checkpoint
     from tfdp.config import Config
+    from tfdp.loss_scale import DynamicLossScale
     from tfdp.model import build_model
     from tfdp.optimizer import build_optimizer
     cfg = Config()
@@ -44,7 +45,8 @@ def checkpoint_costs(saves: int) -> dict:
     with strategy.scope():
         model = build_model(cfg, 257)
         optimizer = build_optimizer(cfg, model.trainable_variables)
-    checkpoint = make_checkpoint(model, optimizer, 1)
+        loss_scale = DynamicLossScale()
+    checkpoint = make_checkpoint(model, optimizer, 1, loss_scale)
     with tempfile.TemporaryDirectory() as directory:
         manager = tf.train.CheckpointManager(checkpoint, directory, max_to_keep=2)
         manager.save(0)  # the first save traces the save functions

@@ -30,6 +30,7 @@ import tfdp.step
 from tfdp.checkpoints import make_checkpoint
 from tfdp.config import Config
 from tfdp.loop import Trainer
+from tfdp.loss_scale import DynamicLossScale
 from tfdp.model import build_model
 from tfdp.optimizer import build_optimizer
 from tfdp.prepare import load_manifest
@@ -63,7 +64,9 @@ def train_weights(strategy, data_dir: str, checkpoint_dir: str, cfg: Config = CF
         keras.utils.set_random_seed(cfg.seed)
         model = build_model(cfg, load_manifest(data_dir)["vocab_size"])
         optimizer = build_optimizer(cfg, model.trainable_variables)
-    manager = tf.train.CheckpointManager(make_checkpoint(model, optimizer, 1), checkpoint_dir, 1)
+        loss_scale = DynamicLossScale()
+    checkpoint = make_checkpoint(model, optimizer, 1, loss_scale)
+    manager = tf.train.CheckpointManager(checkpoint, checkpoint_dir, 1)
     logs = Trainer(cfg, strategy, model, optimizer, train, val, manager, callbacks).fit()
     return model.get_weights(), logs
 

@@ -29,16 +29,16 @@ COMMON = dict(train_steps=10, eval_every=5, checkpoint_every=5, **TINY)
 
 
 class _Poison(keras.callbacks.Callback):
-    """Makes the token losses NaN during the given (1-based) steps and records
-    the weights around them."""
+    """Multiplies the token losses by `value` (NaN: a poisoned batch) during
+    the given (1-based) steps and records the weights around them."""
 
-    def __init__(self, factor: tf.Variable, steps):
+    def __init__(self, factor: tf.Variable, steps, value: float):
         super().__init__()
-        self.factor, self.steps, self.around = factor, set(steps), {}
+        self.factor, self.steps, self.value, self.around = factor, set(steps), value, {}
 
     def on_train_batch_begin(self, batch, logs=None):
         if batch + 1 in self.steps:
-            self.factor.assign(float("nan"))
+            self.factor.assign(self.value)
             self.around[batch + 1] = [self.model.get_weights()]
 
     def on_train_batch_end(self, batch, logs=None):
@@ -49,7 +49,8 @@ class _Poison(keras.callbacks.Callback):
 
 @pytest.fixture
 def poison(monkeypatch, mirrored):
-    """A callback factory: poison(steps) poisons those steps of the next run.
+    """A callback factory: poison(steps, value=NaN) poisons those steps of
+    the next run.
 
     The factor is mirrored like the model (XLA reads variables only on the
     device that holds them); train() reuses this process's strategy."""
@@ -58,7 +59,7 @@ def poison(monkeypatch, mirrored):
     real = tfdp.step._token_losses
     monkeypatch.setattr(tfdp.step, "_token_losses",
                         lambda *args, **kwargs: real(*args, **kwargs) * factor)
-    return lambda steps: _Poison(factor, steps)
+    return lambda steps, value=float("nan"): _Poison(factor, steps, value)
 
 
 def _digest(directory) -> dict:
@@ -117,6 +118,27 @@ def test_skip_nonfinite_steps_skips_up_to_k_updates(tmp_path, text_file, poison)
     assert any("resumed from step 10" in line for line in lines)
 
 
+def test_fp16_overflow_is_skipped_and_the_loss_scale_resumes(tmp_path, text_file, poison):
+    """A float32 run resumed under fp16 (the loss scale is in every
+    checkpoint); at step 7 the loss is scaled so far up that float16
+    gradients overflow, though the loss stays finite: the update is skipped,
+    the scale halves, the run goes on, and the checkpoint keeps the scale."""
+    run, lines = tmp_path / "run", []
+    cfg = Config(data=str(text_file), model_dir=str(run), **{**COMMON, "train_steps": 5})
+    train(cfg, log=lambda *_: None)
+    spiked = poison([7], value=1e6)
+    metrics = train(Config(**{**cfg.__dict__, "train_steps": 10, "mixed_precision": "fp16"}),
+                    callbacks=[spiked], log=lines.append)
+    assert metrics["step"] == 10 and np.isfinite(metrics["val_loss"])
+    assert [line for line in lines if line.startswith("fp16")] == [
+        "fp16 gradients overflowed at step 7: update skipped, loss scale now 16384"]
+    before, after = spiked.around[7]
+    assert all(np.array_equal(a, b) for a, b in zip(before, after))
+    saved = tf.train.load_checkpoint(str(run / "checkpoints"))
+    assert saved.get_tensor("loss_scale/scale/.ATTRIBUTES/VARIABLE_VALUE") == 2.0 ** 14
+    assert saved.get_tensor("loss_scale/good_steps/.ATTRIBUTES/VARIABLE_VALUE") == 3
+
+
 def test_a_failing_save_is_a_clear_error_and_keeps_earlier_checkpoints(tmp_path, text_file):
     """The disk "fills up" after step 7: files may not grow past 64 KB (the
     checkpoint's data file is ~200 KB), as on a full disk the write fails."""
@@ -153,6 +175,7 @@ def test_resuming_with_another_whole_file_layout_warns(tmp_path, text_file):
     """A checkpoint written by 2 input pipelines that each read whole shard
     files, resumed by 1: the data order changes, and the run says so."""
     from tfdp.checkpoints import make_checkpoint
+    from tfdp.loss_scale import DynamicLossScale
     from tfdp.model import build_model
     from tfdp.optimizer import build_optimizer
     run = tmp_path / "run"
@@ -160,7 +183,7 @@ def test_resuming_with_another_whole_file_layout_warns(tmp_path, text_file):
     train(cfg, log=lambda *_: None)
     model = build_model(cfg, 257)
     optimizer = build_optimizer(cfg, model.trainable_variables)
-    checkpoint = make_checkpoint(model, optimizer, 2)
+    checkpoint = make_checkpoint(model, optimizer, 2, DynamicLossScale())
     checkpoint.restore(tf.train.latest_checkpoint(str(run / "checkpoints"))).expect_partial()
     checkpoint.input_pipelines.assign(2)  # as if 2 workers had written it
     tf.train.CheckpointManager(checkpoint, str(run / "checkpoints"), 3).save(5)

@@ -12,6 +12,7 @@ import pytest
 import tensorflow as tf
 
 from tfdp.config import Config
+from tfdp.loss_scale import DynamicLossScale
 from tfdp.model import build_model, logits
 from tfdp.optimizer import build_optimizer
 from tfdp.step import make_train_step
@@ -31,21 +32,31 @@ def _initial_weights():
     return build_model(CFG, V).get_weights()
 
 
-def _step_with(strategy, cfg, weights, windows, steps=1):
-    """Run `steps` tfdp train steps under `strategy`; return the weights."""
+def _step_with(strategy, cfg, weights, windows, steps=1, loss_scale=None, outs=None):
+    """Run `steps` tfdp train steps under `strategy`; return the weights and
+    losses. `loss_scale` makes a DynamicLossScale in the scope; `outs`
+    collects each step's outputs and weights."""
     with strategy.scope():
         model = build_model(cfg, V)
         model.set_weights(weights)
         optimizer = build_optimizer(cfg, model.trainable_variables)
+        scale = loss_scale() if loss_scale else None
     step = make_train_step(strategy, model, optimizer, cfg.global_batch_size, cfg.seq_len,
                            cfg.clip_norm, cfg.jit_compile, cfg.all_reduce_dtype,
-                           grad_accum_steps=cfg.grad_accum_steps)
+                           grad_accum_steps=cfg.grad_accum_steps, loss_scale=scale)
 
     def dataset_fn(ctx):
         per_replica = ctx.get_per_replica_batch_size(cfg.global_batch_size)
         return tf.data.Dataset.from_tensor_slices(windows).repeat().batch(per_replica)
     iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
-    losses = [float(step(iterator)["loss"][0]) for _ in range(steps)]
+    losses = []
+    for _ in range(steps):
+        out = step(iterator)
+        losses.append(float(out["loss"][0]))
+        if outs is not None:
+            outs.append({"overflow": bool(out["overflow"][0]), "weights": model.get_weights(),
+                         "grad_norm": float(out["grad_norm"][0]),
+                         "scale": float(scale.scale.numpy()) if scale else None})
     return model.get_weights(), losses
 
 
@@ -171,3 +182,44 @@ def test_bf16_mixed_precision_keeps_float32_weights_and_loss(mirrored):
     np.testing.assert_allclose(mixed_loss[0], loss[0], rtol=2e-2)
     assert mixed_loss[-1] < mixed_loss[0]
     _assert_moved(weights, mixed)
+
+
+def test_fp16_mixed_precision_with_loss_scaling_matches_float32(mirrored):
+    """float16 compute under a dynamic loss scale: float32 weights, a loss
+    close to the float32 run's, and it trains."""
+    weights, windows = _initial_weights(), _windows()
+    exact_outs, outs = [], []
+    _, loss = _step_with(mirrored, CFG, weights, windows, steps=3, outs=exact_outs)
+    fp16 = Config(**{**CFG.__dict__, "mixed_precision": "fp16"})
+    mixed, mixed_loss = _step_with(mirrored, fp16, weights, windows, steps=3,
+                                   loss_scale=DynamicLossScale, outs=outs)
+    assert all(w.dtype == np.float32 for w in mixed)
+    assert not any(o["overflow"] for o in outs)
+    assert outs[-1]["scale"] == 2.0 ** 15
+    np.testing.assert_allclose(mixed_loss[0], loss[0], rtol=2e-2)
+    # The gradient is unscaled before anything uses it (Adam alone would not
+    # tell: its update is nearly invariant to the gradient's scale).
+    np.testing.assert_allclose(outs[0]["grad_norm"], exact_outs[0]["grad_norm"], rtol=5e-2)
+    assert mixed_loss[-1] < mixed_loss[0]
+    _assert_moved(weights, mixed)
+
+
+def test_fp16_overflow_skips_the_update_and_halves_the_scale(mirrored):
+    """A scale so large that float16 gradients overflow: each such step leaves
+    the weights alone and halves the scale, until the gradients fit; then
+    updates resume, and `growth_interval` finite steps double the scale."""
+    fp16 = Config(**{**CFG.__dict__, "mixed_precision": "fp16"})
+    weights, outs = _initial_weights(), []
+    _step_with(mirrored, fp16, weights, np.concatenate([_windows(s) for s in range(3)]),
+               steps=10, outs=outs,
+               loss_scale=lambda: DynamicLossScale(initial_scale=2.0 ** 24, growth_interval=3))
+    flags = [o["overflow"] for o in outs]
+    assert flags[0] and False in flags, flags
+    first_ok = flags.index(False)
+    assert not any(flags[first_ok:first_ok + 3]), flags
+    for before, o in zip([{"weights": weights}] + outs, outs[:first_ok]):
+        assert all(np.array_equal(a, b) for a, b in zip(before["weights"], o["weights"]))
+    assert [o["scale"] for o in outs[:first_ok]] == [2.0 ** (23 - i) for i in range(first_ok)]
+    _assert_moved(outs[first_ok - 1]["weights"], outs[first_ok]["weights"])
+    fit = outs[first_ok - 1]["scale"]
+    assert outs[first_ok + 2]["scale"] == 2 * fit  # the third finite step in a row grows it

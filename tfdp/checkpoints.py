@@ -24,7 +24,8 @@ from tfdp.errors import UserError
 SUM = tf.distribute.ReduceOp.SUM
 
 
-def make_checkpoint(model, optimizer, input_pipelines: int) -> tf.train.Checkpoint:
+def make_checkpoint(model, optimizer, input_pipelines: int,
+                    loss_scale) -> tf.train.Checkpoint:
     """Everything that decides the rest of training, so a resumed run goes on
     exactly as an uninterrupted one would:
 
@@ -35,12 +36,16 @@ def make_checkpoint(model, optimizer, input_pipelines: int) -> tf.train.Checkpoi
       does not track them, so they would restart from their initial values);
     - nonfinite_steps: updates skipped so far under --skip_nonfinite_steps;
     - input_pipelines: how many pipelines read the data when it was written
-      (with whole shard files per worker the data order depends on it).
+      (with whole shard files per worker the data order depends on it);
+    - loss_scale: the fp16 dynamic loss scale (tfdp.loss_scale, built in
+      the strategy scope). It is in every checkpoint, used or not, so that
+      a run may change --mixed_precision when it resumes: a checkpoint
+      lacking it could not be restored whole.
     """
     rng = {f"seed_{i}": v for i, v in enumerate(model.non_trainable_variables)
            if "seed_generator_state" in v.path}
     return tf.train.Checkpoint(
-        backbone=model.backbone, optimizer=optimizer, rng=rng,
+        backbone=model.backbone, optimizer=optimizer, rng=rng, loss_scale=loss_scale,
         nonfinite_steps=tf.Variable(0, dtype=tf.int64, trainable=False),
         input_pipelines=tf.Variable(input_pipelines, dtype=tf.int64, trainable=False))
 

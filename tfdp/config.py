@@ -19,7 +19,7 @@ TOKENIZERS = ("byte", "char", "wordpiece", "sentencepiece")
 SAMPLERS = ("greedy", "top_k", "top_p")
 INPUT_SHARDING = ("auto", "interleave")
 ALL_REDUCE_DTYPES = ("float32", "bfloat16")
-MIXED_PRECISION = ("off", "bf16")
+MIXED_PRECISION = ("off", "bf16", "fp16")
 
 # Fields that fix the model's shape, the meaning of its tokens, or the data
 # order (a pure function of seed, step and global batch). A model_dir written
@@ -86,7 +86,9 @@ class Config:
     strategy: str = "auto"
     num_cpu_replicas: int = 2
     jit_compile: bool = True
-    mixed_precision: str = "off"  # bf16: bfloat16 compute, float32 weights, loss and softmax
+    # bf16/fp16: 16-bit compute; float32 weights, loss and softmax; fp16 with
+    # a dynamic loss scale (tfdp/loss_scale.py).
+    mixed_precision: str = "off"
     # Multi-worker: how long a dead, frozen or missing worker may hold up the
     # others (tfdp/watchdog.py), and the first port of each SLURM node's tasks.
     collective_timeout: float = 600.0

@@ -44,6 +44,8 @@ class Trainer:
         self.train, self.val, self.checkpoints, self.log = train, val, checkpoints, log
         self.before_exit = before_exit
         self.nonfinite_steps = checkpoints.checkpoint.nonfinite_steps  # skipped so far
+        self.loss_scale = (checkpoints.checkpoint.loss_scale
+                           if cfg.mixed_precision == "fp16" else None)
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self.callbacks = keras.callbacks.CallbackList(
             list(callbacks), add_history=False, add_progbar=False, model=model)
@@ -51,7 +53,8 @@ class Trainer:
                                           cfg.seq_len, cfg.clip_norm, cfg.jit_compile,
                                           cfg.all_reduce_dtype,
                                           skip_nonfinite=cfg.skip_nonfinite_steps > 0,
-                                          grad_accum_steps=cfg.grad_accum_steps)
+                                          grad_accum_steps=cfg.grad_accum_steps,
+                                          loss_scale=self.loss_scale)
         self.eval_step = make_eval_step(strategy, model, cfg.jit_compile)
         self.eval_steps = eval_steps_for(val, cfg.global_batch_size, cfg.eval_steps,
                                          input_pipeline(strategy)[1])
@@ -101,10 +104,15 @@ class Trainer:
                              self.before_exit) as self._preemption:
             return self._fit()
 
-    def _check_finite(self, step: int, loss: float, grad_norm: float) -> None:
+    def _check_finite(self, step: int, loss: float, grad_norm: float, overflow: bool) -> None:
         """Stop at a NaN/Inf loss or gradient before it is checkpointed, or,
-        under --skip_nonfinite_steps=K, count the skipped update (up to K)."""
+        under --skip_nonfinite_steps=K, count the skipped update (up to K).
+        An fp16 loss-scale overflow is neither: the scale adapts."""
         if math.isfinite(loss) and math.isfinite(grad_norm):
+            return
+        if overflow:
+            self.log(f"fp16 gradients overflowed at step {step}: update skipped, loss scale "
+                     f"now {float(self.loss_scale.scale.numpy()):g}")
             return
         what = f"loss {loss}, gradient norm {grad_norm} at step {step}"
         limit = self.cfg.skip_nonfinite_steps
@@ -182,7 +190,7 @@ class Trainer:
                                        float(out["learning_rate"][i]), step_time, eval_seconds)
                 self.callbacks.on_train_batch_end(step, logs)
                 step += 1
-                self._check_finite(step, loss, logs["grad_norm"])
+                self._check_finite(step, loss, logs["grad_norm"], bool(out["overflow"][i]))
                 if math.isfinite(loss):
                     epoch_losses.append(loss)
             if step % cfg.eval_every == 0 or step == cfg.train_steps:

@@ -29,8 +29,9 @@ def build_model(cfg, vocab_size: int) -> keras_hub.models.GPT2CausalLM:
 
 
 def dtype_policy(cfg) -> str:
-    """Keras dtype policy: float32 weights always; bfloat16 compute under bf16."""
-    return "mixed_bfloat16" if cfg.mixed_precision == "bf16" else "float32"
+    """Keras dtype policy: float32 weights always; 16-bit compute under bf16/fp16."""
+    return {"bf16": "mixed_bfloat16", "fp16": "mixed_float16"}.get(cfg.mixed_precision,
+                                                                   "float32")
 
 
 def logits(model: keras.Model, token_ids, training: bool = False):

@@ -37,6 +37,7 @@ from tfdp.errors import UserError
 from tfdp.flops import flops_per_token, machine_peak_flops
 from tfdp.generate import generate, held_out_prompt, make_sampler
 from tfdp.loop import Trainer, peak_host_memory_gib
+from tfdp.loss_scale import DynamicLossScale
 from tfdp.model import build_model, count_params, non_embedding_params
 from tfdp.optimizer import build_optimizer
 from tfdp.prepare import is_prepared, load_manifest, prepare
@@ -159,10 +160,11 @@ def _train_in(cfg: Config, strategy, model_dir: str, write_dir: str, callbacks, 
         keras.utils.set_random_seed(cfg.seed)  # the same initial weights everywhere
         model = build_model(cfg, manifest["vocab_size"])
         optimizer = build_optimizer(cfg, model.trainable_variables)
+        loss_scale = DynamicLossScale()  # used under fp16 only
     # With whole shard files per pipeline the data order depends on how many
     # pipelines there are; with one global order (interleave) it does not.
     pipelines = cluster.input_pipeline(strategy)[1] if train_split.shards is not None else 1
-    checkpoint = make_checkpoint(model, optimizer, pipelines)
+    checkpoint = make_checkpoint(model, optimizer, pipelines, loss_scale)
     manager = tf.train.CheckpointManager(checkpoint, os.path.join(write_dir, "checkpoints"),
                                          max_to_keep=cfg.keep_checkpoints)
     if resume:
@@ -183,13 +185,13 @@ def _train_in(cfg: Config, strategy, model_dir: str, write_dir: str, callbacks, 
     num_params = count_params(model)
     fpt = flops_per_token(non_embedding_params(model), cfg.num_layers, cfg.num_heads,
                           cfg.hidden_dim // cfg.num_heads, cfg.seq_len)
-    peak = machine_peak_flops(strategy, tf.bfloat16 if cfg.mixed_precision == "bf16"
-                              else tf.float32)
+    compute_dtype = tf.as_dtype(model.backbone.compute_dtype)
+    peak = machine_peak_flops(strategy, compute_dtype)
     say(f"model: {num_params:,} parameters, {fpt / 1e6:.2f} MFLOPs/token; "
         f"data: {train_split.num_windows:,} train / {val_split.num_windows:,} val windows "
         f"{'(this worker: whole shard files) ' if train_split.shards is not None else ''}"
         f"of {cfg.seq_len + 1} {manifest['tokenizer']} tokens; "
-        f"measured {'bfloat16' if cfg.mixed_precision == 'bf16' else 'float32'} matmul peak "
+        f"measured {compute_dtype.name} matmul peak "
         f"{peak / 1e9:.1f} GFLOP/s")
     previous = read_json(os.path.join(model_dir, "metrics.json"))
     step = int(optimizer.iterations.numpy())

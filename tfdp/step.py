@@ -7,8 +7,9 @@ One training step, on every replica i at once (`strategy.run`):
     g     = all_reduce_sum(g_i)  = (1/N) * sum over all N target tokens' grads
     g     = clip_by_global_norm(g, clip_norm) (same norm on every replica)
     theta = AdamW(theta, g)                   (identical update everywhere;
-                                               with skip_nonfinite, only when
-                                               the loss and |g| are finite)
+                                               with skip_nonfinite or a loss
+                                               scale, only when the loss and
+                                               |g| are finite)
 
 Dividing by the GLOBAL token count makes the summed gradient the gradient
 of the global mean loss, so N replicas on batch B update exactly as one
@@ -33,11 +34,11 @@ def _token_losses(model, windows, training: bool):
 def make_train_step(strategy, model, optimizer, global_batch_size: int, seq_len: int,
                     clip_norm: float, jit_compile: bool = True,
                     all_reduce_dtype: str = "float32", skip_nonfinite: bool = False,
-                    grad_accum_steps: int = 1):
+                    grad_accum_steps: int = 1, loss_scale=None):
     """Return a tf.function(iterator, num_steps, stop) running up to `num_steps`
     steps in one call (a graph loop: no Python between steps), returning
-    {"loss", "grad_norm", "learning_rate"}, one entry per step run, and
-    "stop". `stop` (float 0/1) is this worker's request to stop; "stop" says
+    {"loss", "grad_norm", "learning_rate", "overflow"}, one entry per step
+    run, and "stop". `stop` (float 0/1) is this worker's request to stop; "stop" says
     whether any worker made one, and the loop ends after that step. Without
     `skip_nonfinite` it also ends after a step whose loss or gradient norm is
     not finite, for the caller to report.
@@ -52,6 +53,12 @@ def make_train_step(strategy, model, optimizer, global_batch_size: int, seq_len:
     (activations of one micro-batch at a time); then comes the one
     all-reduce and the one update, as for K=1 on the whole batch.
 
+    With a `loss_scale` (tfdp.loss_scale.DynamicLossScale, for float16
+    compute), the gradients are taken of the scaled loss and unscaled on the
+    replica; a step whose gradients overflow is skipped whatever
+    `skip_nonfinite` says, is marked in "overflow", and does not end the
+    loop.
+
     `all_reduce_dtype="bfloat16"` sends the gradients across replicas in
     bfloat16 (half the bytes, ~3 significant digits per summand), then
     casts back; the loss then needs a second, float32 all-reduce.
@@ -60,21 +67,27 @@ def make_train_step(strategy, model, optimizer, global_batch_size: int, seq_len:
     global_tokens = float(global_batch_size * seq_len)
     wire = tf.as_dtype(all_reduce_dtype)
 
-    def micro_step(windows):
+    def micro_step(windows, scale):
         with tf.GradientTape() as tape:
             loss = tf.reduce_sum(_token_losses(model, windows, training=True)) / global_tokens
-        return loss, tape.gradient(loss, variables)
+            scaled = loss if scale is None else loss * scale
+        return loss, tape.gradient(scaled, variables)
 
     @tf.function(jit_compile=jit_compile)
     def forward_backward(windows):
+        scale = None if loss_scale is None else tf.identity(loss_scale.scale)
+        loss, grads = accumulate(windows, scale)
+        return loss, grads if scale is None else [g / scale for g in grads]
+
+    def accumulate(windows, scale):
         if grad_accum_steps == 1:
-            return micro_step(windows)
+            return micro_step(windows, scale)
         # Dividing by the global token count makes the sum over micro-batches
         # the gradient of the whole batch's mean loss.
         micro = tf.reshape(windows, [grad_accum_steps, -1, tf.shape(windows)[1]])
         loss, grads = tf.zeros([]), [tf.zeros_like(v) for v in variables]
         for i in tf.range(grad_accum_steps):
-            more_loss, more = micro_step(micro[i])
+            more_loss, more = micro_step(micro[i], scale)
             loss += more_loss
             grads = [g + tf.convert_to_tensor(m) for g, m in zip(grads, more)]
         return loss, grads
@@ -95,34 +108,44 @@ def make_train_step(strategy, model, optimizer, global_batch_size: int, seq_len:
             grads = [tf.cast(g, tf.float32) for g in sent]
             loss, stop = replica.all_reduce(SUM, [loss, stop])
         norm = tf.linalg.global_norm(grads)
+        overflow = tf.constant(False)
+        if loss_scale is not None:
+            overflow = loss_scale.overflowed(loss, norm)
+            loss_scale.update(tf.math.is_finite(norm))
         if clip_norm > 0:
             grads, _ = tf.clip_by_global_norm(grads, clip_norm, use_norm=norm)
-        if skip_nonfinite:
+        if skip_nonfinite or loss_scale is not None:
             _apply_if_finite(optimizer, grads, variables,
                              tf.math.is_finite(loss) & tf.math.is_finite(norm))
         else:
             optimizer.apply_gradients(zip(grads, variables))
-        return loss, norm, stop
+        return loss, norm, stop, overflow
 
     @tf.function
     def train_steps(iterator, num_steps=tf.constant(1), stop=tf.constant(0.0)):
         first = strategy.experimental_local_results
         losses, norms, rates = (tf.TensorArray(tf.float32, size=0, dynamic_size=True)
                                 for _ in range(3))
+        overflows = tf.TensorArray(tf.bool, size=0, dynamic_size=True)
         stopped = tf.constant(False)
         for i in tf.range(num_steps):
             rates = rates.write(i, tf.cast(optimizer.learning_rate, tf.float32))
-            loss, norm, stop_any = strategy.run(replica_step, args=(next(iterator), stop))
-            # After the all-reduce every replica holds the same loss, norm and stop.
+            loss, norm, stop_any, overflow = strategy.run(
+                replica_step, args=(next(iterator), stop))
+            # After the all-reduce every replica holds the same loss, norm, stop
+            # and overflow.
             loss, norm, stopped = first(loss)[0], first(norm)[0], first(stop_any)[0] > 0
+            overflow = first(overflow)[0]
             losses, norms = losses.write(i, loss), norms.write(i, norm)
+            overflows = overflows.write(i, overflow)
             if stopped:
                 break
             if not skip_nonfinite:
-                if not (tf.math.is_finite(loss) and tf.math.is_finite(norm)):
+                if not (tf.math.is_finite(loss) and tf.math.is_finite(norm) or overflow):
                     break
         return {"loss": losses.stack(), "grad_norm": norms.stack(),
-                "learning_rate": rates.stack(), "stop": stopped}
+                "learning_rate": rates.stack(), "overflow": overflows.stack(),
+                "stop": stopped}
     return train_steps
 
 

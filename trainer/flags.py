@@ -90,8 +90,9 @@ def define_train_flags() -> None:
                       "Compile each replica's forward/backward with XLA.")
     flags.DEFINE_enum("mixed_precision", _D.mixed_precision, MIXED_PRECISION,
                       "bf16: matmuls and activations in bfloat16 (Keras' mixed_bfloat16 "
-                      "policy); weights, optimizer state, checkpoints, the loss and its "
-                      "softmax stay float32.")
+                      "policy); fp16: in float16 (mixed_float16) with a dynamic loss scale. "
+                      "Weights, optimizer state, checkpoints, the loss and its softmax stay "
+                      "float32.")
     flags.DEFINE_float("collective_timeout", _D.collective_timeout,
                        "Multi-worker: seconds a dead, frozen or missing worker may hold up the "
                        "others before they all stop with an error naming it.")

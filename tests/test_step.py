@@ -20,7 +20,7 @@ from tfdp.step import make_train_step
 B, T, V = 8, 16, 50
 CFG = Config(num_layers=2, num_heads=2, hidden_dim=32, intermediate_dim=64, seq_len=T,
              global_batch_size=B, learning_rate=1e-2, min_learning_rate=1e-3,
-             warmup_steps=0, train_steps=10, clip_norm=0.0, dropout=0.0)
+             warmup_steps=0, train_steps=10, clip_norm=0.0, dropout=0.0, jit_compile=True)
 
 
 def _windows(seed=0):
@@ -189,8 +189,10 @@ def test_fp16_mixed_precision_with_loss_scaling_matches_float32(mirrored):
     close to the float32 run's, and it trains."""
     weights, windows = _initial_weights(), _windows()
     exact_outs, outs = [], []
-    _, loss = _step_with(mirrored, CFG, weights, windows, steps=3, outs=exact_outs)
-    fp16 = Config(**{**CFG.__dict__, "mixed_precision": "fp16"})
+    # Without XLA, tfdp's default for fp16 on CPUs (tfdp.step.default_jit_compile).
+    cfg = Config(**{**CFG.__dict__, "jit_compile": False})
+    _, loss = _step_with(mirrored, cfg, weights, windows, steps=3, outs=exact_outs)
+    fp16 = Config(**{**cfg.__dict__, "mixed_precision": "fp16"})
     mixed, mixed_loss = _step_with(mirrored, fp16, weights, windows, steps=3,
                                    loss_scale=DynamicLossScale, outs=outs)
     assert all(w.dtype == np.float32 for w in mixed)
@@ -208,7 +210,7 @@ def test_fp16_overflow_skips_the_update_and_halves_the_scale(mirrored):
     """A scale so large that float16 gradients overflow: each such step leaves
     the weights alone and halves the scale, until the gradients fit; then
     updates resume, and `growth_interval` finite steps double the scale."""
-    fp16 = Config(**{**CFG.__dict__, "mixed_precision": "fp16"})
+    fp16 = Config(**{**CFG.__dict__, "mixed_precision": "fp16"})  # XLA: as on GPUs
     weights, outs = _initial_weights(), []
     _step_with(mirrored, fp16, weights, np.concatenate([_windows(s) for s in range(3)]),
                steps=10, outs=outs,
@@ -223,3 +225,15 @@ def test_fp16_overflow_skips_the_update_and_halves_the_scale(mirrored):
     _assert_moved(outs[first_ok - 1]["weights"], outs[first_ok]["weights"])
     fit = outs[first_ok - 1]["scale"]
     assert outs[first_ok + 2]["scale"] == 2 * fit  # the third finite step in a row grows it
+
+
+def test_xla_is_on_by_default_except_16_bit_compute_on_cpus(mirrored):
+    """Measured in benchmarks/throughput.py: on CPUs XLA misses the bfloat16
+    matrix units TensorFlow's own kernels use; on GPUs it stays on."""
+    from types import SimpleNamespace
+    from tfdp.step import default_jit_compile
+    gpus = SimpleNamespace(extended=SimpleNamespace(
+        worker_devices=("/job:localhost/replica:0/task:0/device:GPU:0",)))
+    assert [default_jit_compile(p, mirrored) for p in ("off", "bf16", "fp16")] == [
+        True, False, False]
+    assert [default_jit_compile(p, gpus) for p in ("off", "bf16", "fp16")] == [True] * 3

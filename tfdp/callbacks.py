@@ -43,7 +43,9 @@ class ProgressLogger(keras.callbacks.Callback):
             f"lr {logs['learning_rate']:.2e} | {logs['tokens_per_second']:,.0f} tok/s "
             f"({logs['tokens_per_second_per_replica']:,.0f}/replica) | "
             f"{1000 * logs['step_time']:.0f} ms/step | "
-            f"mfu {100 * logs['mfu']:.2f}% | mem {logs['peak_host_memory_gib']:.2f} GiB | "
+            f"mfu {100 * logs['mfu']:.2f}% | mem {logs['peak_host_memory_gib']:.2f} GiB"
+            + (f" (GPU {logs['peak_device_memory_gib']:.2f} GiB)"
+               if "peak_device_memory_gib" in logs else "") + " | "
             f"eta {_duration(logs['eta_seconds'])}")
 
     def on_epoch_end(self, epoch, logs=None):

@@ -85,7 +85,7 @@ class Config:
     # System.
     strategy: str = "auto"
     num_cpu_replicas: int = 2
-    jit_compile: bool = True
+    jit_compile: bool | None = None  # None: tfdp.step.default_jit_compile decides
     # bf16/fp16: 16-bit compute; float32 weights, loss and softmax; fp16 with
     # a dynamic loss scale (tfdp/loss_scale.py).
     mixed_precision: str = "off"

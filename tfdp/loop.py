@@ -23,12 +23,23 @@ from tfdp.cluster import input_pipeline
 from tfdp.errors import Preempted, UserError
 from tfdp.preemption import PreemptionGuard
 from tfdp.dataset import Split, eval_dataset_fn, eval_steps_for, train_dataset_fn
-from tfdp.step import make_eval_step, make_train_step
+from tfdp.step import default_jit_compile, make_eval_step, make_train_step
 
 
 def peak_host_memory_gib() -> float:
     """This process's peak resident memory so far (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def peak_device_memory_gib(strategy) -> dict:
+    """{"peak_device_memory_gib": the largest peak allocation on this
+    process's GPUs so far} when it trains on GPUs, else {}."""
+    gpus = [d.split("device:")[-1] for d in strategy.extended.worker_devices
+            if "GPU" in d.upper()]
+    if not gpus:
+        return {}
+    peak = max(tf.config.experimental.get_memory_info(gpu)["peak"] for gpu in gpus)
+    return {"peak_device_memory_gib": peak / 2**30}
 
 
 class Trainer:
@@ -49,13 +60,15 @@ class Trainer:
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self.callbacks = keras.callbacks.CallbackList(
             list(callbacks), add_history=False, add_progbar=False, model=model)
+        self.jit_compile = (default_jit_compile(cfg.mixed_precision, strategy)
+                            if cfg.jit_compile is None else cfg.jit_compile)
         self.train_steps = make_train_step(strategy, model, optimizer, cfg.global_batch_size,
-                                          cfg.seq_len, cfg.clip_norm, cfg.jit_compile,
+                                          cfg.seq_len, cfg.clip_norm, self.jit_compile,
                                           cfg.all_reduce_dtype,
                                           skip_nonfinite=cfg.skip_nonfinite_steps > 0,
                                           grad_accum_steps=cfg.grad_accum_steps,
                                           loss_scale=self.loss_scale)
-        self.eval_step = make_eval_step(strategy, model, cfg.jit_compile)
+        self.eval_step = make_eval_step(strategy, model, self.jit_compile)
         self.eval_steps = eval_steps_for(val, cfg.global_batch_size, cfg.eval_steps,
                                          input_pipeline(strategy)[1])
         self.tokens_per_step = cfg.global_batch_size * cfg.seq_len
@@ -143,6 +156,7 @@ class Trainer:
             "tokens_per_second": tokens_per_second,
             "tokens_per_second_per_replica": tokens_per_second / self.replicas,
             "peak_host_memory_gib": peak_host_memory_gib(),
+            **peak_device_memory_gib(self.strategy),
             "mfu": tokens_per_second * self.flops_per_token / self.peak_flops
             if self.peak_flops else 0.0,
             "eta_seconds": (cfg.train_steps - step - 1) * step_time + evals_left * eval_seconds,

@@ -36,7 +36,7 @@ from tfdp.dataset import Split, shard_files
 from tfdp.errors import UserError
 from tfdp.flops import flops_per_token, machine_peak_flops
 from tfdp.generate import generate, held_out_prompt, make_sampler
-from tfdp.loop import Trainer, peak_host_memory_gib
+from tfdp.loop import Trainer, peak_device_memory_gib, peak_host_memory_gib
 from tfdp.loss_scale import DynamicLossScale
 from tfdp.model import build_model, count_params, non_embedding_params
 from tfdp.optimizer import build_optimizer
@@ -202,6 +202,9 @@ def _train_in(cfg: Config, strategy, model_dir: str, write_dir: str, callbacks, 
     trainer = Trainer(cfg, strategy, model, optimizer, train_split, val_split, manager,
                       own + list(callbacks), flops_per_token=fpt, peak_flops=peak, log=say,
                       before_exit=None if chief else lambda: shutil.rmtree(write_dir, True))
+    if cfg.jit_compile is None and not trainer.jit_compile:
+        say(f"XLA: off, the default for --mixed_precision={cfg.mixed_precision} on CPUs "
+            "(see --jit_compile)")
     if trainer.step >= cfg.train_steps:
         say(f"already trained to step {trainer.step} of --train_steps={cfg.train_steps}; "
             "raise --train_steps to continue")
@@ -223,6 +226,7 @@ def _train_in(cfg: Config, strategy, model_dir: str, write_dir: str, callbacks, 
         "tokens_per_second_per_replica": tps / replicas,
         "step_time": getattr(trainer, "mean_step_time", previous.get("step_time", 0.0)),
         "peak_host_memory_gib": peak_host_memory_gib(),
+        **peak_device_memory_gib(strategy),
         "mfu": tps * fpt / peak if peak else 0.0,
         "peak_flops": peak,
         "flops_per_token": fpt,

@@ -25,6 +25,19 @@ from tfdp.model import logits
 SUM = tf.distribute.ReduceOp.SUM
 
 
+def default_jit_compile(mixed_precision: str, strategy) -> bool:
+    """XLA unless the step computes in 16 bits on CPUs.
+
+    Measured (benchmarks/throughput.py, 2-core CPU with AVX512_BF16 and
+    AMX): XLA made the default model 1.4x faster in float32, but under
+    bfloat16 it ran the 6x384 model at 0.54x of TensorFlow's own kernels,
+    which reach the CPU's bfloat16 matrix units through oneDNN where XLA's
+    CPU backend does not (float16 likewise, 0.89x). On GPUs XLA stays on.
+    """
+    on_cpu = not any("GPU" in d.upper() for d in strategy.extended.worker_devices)
+    return not (on_cpu and mixed_precision in ("bf16", "fp16"))
+
+
 def _token_losses(model, windows, training: bool):
     inputs, targets = windows[:, :-1], windows[:, 1:]
     out = tf.cast(logits(model, inputs, training=training), tf.float32)

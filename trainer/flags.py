@@ -87,7 +87,9 @@ def define_train_flags() -> None:
     flags.DEFINE_integer("num_cpu_replicas", _D.num_cpu_replicas,
                          "Replicas when training on CPU (the CPU is split into logical devices).")
     flags.DEFINE_bool("jit_compile", _D.jit_compile,
-                      "Compile each replica's forward/backward with XLA.")
+                      "Compile each replica's forward/backward with XLA. Default: on, except "
+                      "for bf16/fp16 on CPUs, where XLA does not use the CPU's 16-bit matrix "
+                      "instructions that TensorFlow's own kernels (oneDNN) use.")
     flags.DEFINE_enum("mixed_precision", _D.mixed_precision, MIXED_PRECISION,
                       "bf16: matmuls and activations in bfloat16 (Keras' mixed_bfloat16 "
                       "policy); fp16: in float16 (mixed_float16) with a dynamic loss scale. "

@@ -326,3 +326,18 @@ def test_steps_per_loop_trains_the_same_and_callbacks_see_every_step(tmp_path, t
     worst = max(float(np.max(np.abs(a - b))) for a, b in zip(w1, w5))
     assert worst < 1e-5, worst
     np.testing.assert_allclose(m5["val_loss"], m1["val_loss"], rtol=1e-5)
+
+
+def test_generation_goes_on_when_eot_is_token_0(tmp_path, text_file):
+    """char (and bpe) tokenizers give EOT the id 0; keras-hub's sampler stops
+    at a stop token anywhere past the prompt, so the positions still to
+    generate must not be filled with 0s (they were: samples came out empty)."""
+    from tfdp.generate import generate, make_sampler
+    run = tmp_path / "run"
+    train(Config(data=str(text_file), model_dir=str(run), tokenizer="char", train_steps=30,
+                 eval_every=30, checkpoint_every=30, **{**TINY, "sample_tokens": 0}),
+          log=_quiet)
+    model, tokenizer, cfg = load_trained(str(run))
+    assert tokenizer.eot_id == 0
+    text = generate(model, tokenizer, "def add(", 40, make_sampler("greedy"), cfg.seq_len)
+    assert len(text) >= 10, repr(text)  # greedy after "def add(": no EOT for a while

@@ -51,10 +51,14 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int, sampler,
         context = [eot] + context
     new: list[int] = []
     keep = max(seq_len * 3 // 4, 1)
+    # keras-hub's sampler stops once a stop token appears where the mask is
+    # off, so the positions still to generate must not hold EOT (id 0 for
+    # the char and bpe tokenizers).
+    filler = 1 if eot == 0 else 0
     while len(new) < max_new_tokens:
         window = (context + new)[-keep:]
         pad = seq_len - len(window)
-        token_ids = tf.constant([window + [0] * pad], tf.int32)
+        token_ids = tf.constant([window + [filler] * pad], tf.int32)
         mask = tf.constant([[True] * len(window) + [False] * pad])
         out = step({"token_ids": token_ids, "padding_mask": mask})
         ids = out["token_ids"].numpy()[0].tolist()

@@ -139,6 +139,42 @@ def test_keras_hub_tokenizer_trains_saves_and_loads(kind, tmp_path):
     assert words == "defadd(a,b):"
 
 
+@pytest.fixture(scope="module")
+def corpus() -> list[bytes]:
+    """Part of the default corpus (the stdlib's sources) and non-ASCII text."""
+    files = data.source_files("stdlib")[:40]
+    return [f.read_bytes() for f in files] + [
+        "Grüße aus Köln — «ça va?» 東京タワー 🎉\tdouble  spaces,  trailing \n\n\r\n".encode()]
+
+
+def test_lossless_tokenizers_round_trip_the_default_corpus(corpus, tmp_path):
+    """detokenize(tokenize(text)) == text, after a save and load, for byte,
+    bpe, and char with room for every character."""
+    for kind, size in (("byte", None), ("bpe", 1000), ("char", 4096)):
+        tok = _saved_and_loaded(train_tokenizer(kind, corpus, size), tmp_path / kind)
+        for doc, ids in zip(corpus, tok.encode(corpus)):
+            assert tok.eot_id not in ids
+            assert tok.decode(ids) == doc.decode("utf-8"), (kind, doc[:60])
+
+
+def test_bpe_learns_merges_that_compress(corpus, tmp_path):
+    tok = train_tokenizer("bpe", corpus, 1000)
+    assert tok.kind == "bpe" and tok.vocab_size == 1000
+    ids = np.concatenate(tok.encode(corpus))
+    assert 0 <= ids.min() and ids.max() < tok.vocab_size
+    size = sum(len(doc) for doc in corpus)
+    assert len(ids) < 0.45 * size, len(ids) / size  # Python source: < 0.45 tokens a byte
+    loaded = _saved_and_loaded(tok, tmp_path / "bpe")
+    assert (loaded.vocab_size, loaded.eot_id) == (tok.vocab_size, tok.eot_id)
+    # The literal text of the EOT token is text, not EOT.
+    assert tok.eot_id not in tok.encode([b"a<|endoftext|>b"])[0]
+
+
+def test_bpe_vocab_must_hold_the_bytes_and_eot():
+    with pytest.raises(UserError, match="--vocab_size=256 is too small for --tokenizer=bpe"):
+        train_tokenizer("bpe", [TINY], 256)
+
+
 def test_sentencepiece_too_large_vocab_is_a_user_error():
     with pytest.raises(UserError, match="--vocab_size"):
         train_tokenizer("sentencepiece", [TINY], 5000)

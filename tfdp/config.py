@@ -15,7 +15,7 @@ from pathlib import Path
 from tfdp.errors import UserError
 
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker_mirrored")
-TOKENIZERS = ("byte", "char", "wordpiece", "sentencepiece")
+TOKENIZERS = ("byte", "char", "wordpiece", "sentencepiece", "bpe")
 SAMPLERS = ("greedy", "top_k", "top_p")
 INPUT_SHARDING = ("auto", "interleave")
 ALL_REDUCE_DTYPES = ("float32", "bfloat16")

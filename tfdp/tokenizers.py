@@ -10,6 +10,9 @@ wordpiece      keras-hub's WordPiece trainer and tokenizer (splits on
                whitespace, so decoding does not restore spacing).
 sentencepiece  keras-hub's SentencePiece trainer (unigram) and tokenizer
                (default normalisation collapses repeated whitespace).
+bpe            byte-level BPE as GPT-2's: merges trained by the `tokenizers`
+               package (keras-hub has no BPE trainer), applied by
+               keras-hub's BytePairTokenizer; lossless for any UTF-8 text.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ import tensorflow as tf
 
 from tfdp.errors import UserError
 
-DEFAULT_VOCAB_SIZE = {"byte": 257, "char": 256, "wordpiece": 8192, "sentencepiece": 8192}
+DEFAULT_VOCAB_SIZE = {"byte": 257, "char": 256, "wordpiece": 8192, "sentencepiece": 8192,
+                      "bpe": 8192}
 _META = "tokenizer.json"
 
 
@@ -93,7 +97,8 @@ class CharTokenizer:
 
 
 class KerasHubTokenizer:
-    """Adapter around a keras-hub tokenizer (WordPiece or SentencePiece)."""
+    """Adapter around a keras-hub tokenizer (WordPiece, SentencePiece or
+    BytePair), called eagerly."""
 
     def __init__(self, kind: str, layer, eot_id: int, assets: dict):
         self.kind = kind
@@ -142,6 +147,45 @@ def _sentencepiece(proto: bytes) -> KerasHubTokenizer:
                              {"spm.model": proto})
 
 
+_BPE_EOT = "<|endoftext|>"  # GPT-2's name for it
+_BPE_ALPHABET = 256  # byte-level: every byte has a token of its own
+
+
+def _bpe(vocab: dict, merges: list[str]) -> KerasHubTokenizer:
+    layer = keras_hub.tokenizers.BytePairTokenizer(vocabulary=vocab, merges=merges)
+    assets = {"vocabulary.json": json.dumps(vocab, ensure_ascii=False).encode("utf-8"),
+              "merges.txt": ("\n".join(merges) + "\n").encode("utf-8")}
+    return KerasHubTokenizer("bpe", layer, vocab[_BPE_EOT], assets)
+
+
+def _train_bpe(docs: list[bytes], size: int) -> KerasHubTokenizer:
+    """Byte-level BPE merges learnt by the `tokenizers` package on words split
+    by keras-hub's own pattern for BytePairTokenizer, the way GPT-2's merges
+    were learnt.
+
+    keras-hub 0.32's eager BytePairTokenizer hands that pattern to
+    `tokenizers` as a plain string, which `tokenizers` matches literally
+    (huggingface/tokenizers#1565), so it applies the merges to whole texts
+    rather than word by word. tfdp keeps that (an exported preset then
+    tokenizes exactly as tfdp did) and compiles the pattern as a regex for
+    training only: learning on whole texts took 44 s for 0.9 MB, on words
+    0.2 s. Either way the byte-level encoding is lossless.
+    """
+    from keras_hub.src.tokenizers.byte_pair_tokenizer import SPLIT_PATTERN_TOKENIZERS
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(pattern=Regex(SPLIT_PATTERN_TOKENIZERS), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    bpe.train_from_iterator(_texts(docs), trainers.BpeTrainer(
+        vocab_size=size, special_tokens=[_BPE_EOT], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    model = json.loads(bpe.to_str())["model"]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    return _bpe(model["vocab"], merges)
+
+
 def _lines(docs: list[bytes]):
     """Training sentences for the keras-hub trainers: non-empty lines, one per
     element (the SentencePiece trainer rejects batches; WordPiece batches them)."""
@@ -163,8 +207,13 @@ def train_tokenizer(kind: str, docs: list[bytes], vocab_size: int | None = None)
             raise UserError(f"--vocab_size={size} does not apply to --tokenizer=byte, "
                             "whose vocabulary is fixed at 257; omit --vocab_size")
         return ByteTokenizer()
+    if kind == "bpe" and size <= _BPE_ALPHABET:
+        raise UserError(f"--vocab_size={size} is too small for --tokenizer=bpe, which needs "
+                        f"{_BPE_ALPHABET} byte tokens and EOT; use > {_BPE_ALPHABET}")
     if size < 8:
         raise UserError(f"--vocab_size={size} is too small for --tokenizer={kind}; use >= 8")
+    if kind == "bpe":
+        return _train_bpe(docs, size)
     if kind == "char":
         return CharTokenizer.train(docs, size)
     if kind == "wordpiece":
@@ -205,4 +254,9 @@ def load_tokenizer(directory: str):
     if kind == "sentencepiece":
         with open(os.path.join(directory, "spm.model"), "rb") as f:
             return _sentencepiece(f.read())
+    if kind == "bpe":
+        with open(os.path.join(directory, "vocabulary.json"), encoding="utf-8") as f:
+            vocab = json.load(f)
+        with open(os.path.join(directory, "merges.txt"), encoding="utf-8") as f:
+            return _bpe(vocab, f.read().split("\n")[:-1])
     raise UserError(f"{path} names an unknown tokenizer {kind!r}; re-run tfdp-prepare")

@@ -19,10 +19,19 @@ def define_data_flags() -> None:
                       "Tokenizer to train on the text. A prepared --data directory brings "
                       "its own, which is used whatever this says.")
     flags.DEFINE_integer("vocab_size", _D.vocab_size,
-                         "Vocabulary size; default: byte 257, char 256, wordpiece and "
-                         "sentencepiece 8192.")
+                         "Vocabulary size; default: byte 257, char 256, wordpiece, "
+                         "sentencepiece and bpe 8192.")
     flags.DEFINE_float("val_fraction", _D.val_fraction,
                        "Fraction of the text, taken from its end, held out for validation.")
+
+
+def define_strategy_flags() -> None:
+    """Which devices and replicas a command runs on (tfdp-train, tfdp-eval)."""
+    flags.DEFINE_enum("strategy", _D.strategy, STRATEGIES,
+                      "auto: multi-worker if TF_CONFIG names a cluster, else mirrored over all "
+                      "GPUs, else over --num_cpu_replicas logical CPUs.")
+    flags.DEFINE_integer("num_cpu_replicas", _D.num_cpu_replicas,
+                         "Replicas when training on CPU (the CPU is split into logical devices).")
 
 
 def define_train_flags() -> None:
@@ -81,11 +90,7 @@ def define_train_flags() -> None:
     flags.DEFINE_string("sample_prompt", _D.sample_prompt,
                         "Prompt for that sample; default: a few lines of held-out "
                         "validation text, labelled as such.")
-    flags.DEFINE_enum("strategy", _D.strategy, STRATEGIES,
-                      "auto: multi-worker if TF_CONFIG names a cluster, else mirrored over all "
-                      "GPUs, else over --num_cpu_replicas logical CPUs.")
-    flags.DEFINE_integer("num_cpu_replicas", _D.num_cpu_replicas,
-                         "Replicas when training on CPU (the CPU is split into logical devices).")
+    define_strategy_flags()
     flags.DEFINE_bool("jit_compile", _D.jit_compile,
                       "Compile each replica's forward/backward with XLA. Default: on, except "
                       "for bf16/fp16 on CPUs, where XLA does not use the CPU's 16-bit matrix "

@@ -28,6 +28,7 @@ setup(
             "tfdp-train=trainer.train:run",
             "tfdp-prepare=trainer.prepare:run",
             "tfdp-generate=trainer.generate:run",
+            "tfdp-eval=trainer.evaluate:run",
             "tfdp-launch=trainer.launch:run",
         ],
     },

@@ -22,7 +22,8 @@ from tfdp import checkpoints, watchdog
 from tfdp.cluster import input_pipeline
 from tfdp.errors import Preempted, UserError
 from tfdp.preemption import PreemptionGuard
-from tfdp.dataset import Split, eval_dataset_fn, eval_steps_for, train_dataset_fn
+from tfdp.dataset import Split, eval_steps_for, train_dataset_fn
+from tfdp.evaluate import loss_metrics, score
 from tfdp.step import default_jit_compile, make_eval_step, make_train_step
 
 
@@ -73,9 +74,6 @@ class Trainer:
                                          input_pipeline(strategy)[1])
         self.tokens_per_step = cfg.global_batch_size * cfg.seq_len
         self.replicas = strategy.num_replicas_in_sync
-        # Bits per byte = nats per token * tokens per byte / ln 2, with the
-        # validation split's own token/byte ratio from the manifest.
-        self.tokens_per_byte = val.num_tokens / max(val.num_bytes, 1)
         self.history: list[dict] = []
 
     @property
@@ -84,22 +82,15 @@ class Trainer:
 
     def evaluate(self) -> dict:
         """Mean token loss over the validation split (or `eval_steps` batches)."""
-        dataset = self.strategy.distribute_datasets_from_function(
-            eval_dataset_fn(self.val, self.cfg.global_batch_size, self.eval_steps))
         self.callbacks.on_test_begin()
-        total, count = 0.0, 0.0
         with watchdog.watching():
-            for i, batch in enumerate(dataset):
-                self.callbacks.on_test_batch_begin(i)
-                loss_sum, n = self.eval_step(batch)
-                total, count = total + float(loss_sum), count + float(n)
+            def batch_end(i, loss):
                 watchdog.beat()
-                self.callbacks.on_test_batch_end(i, {"loss": total / max(count, 1.0)})
-        loss = total / max(count, 1.0)
-        logs = {"val_loss": loss, "val_perplexity": math.exp(min(loss, 700.0)),
-                "val_bits_per_byte": loss * self.tokens_per_byte / math.log(2.0)}
+                self.callbacks.on_test_batch_end(i, {"loss": loss})
+            loss = score(self.strategy, self.eval_step, self.val, self.cfg.global_batch_size,
+                         self.eval_steps, self.callbacks.on_test_batch_begin, batch_end)
         self.callbacks.on_test_end({"loss": loss})
-        return logs
+        return loss_metrics(loss, self.val, prefix="val_")
 
     def fit(self) -> dict:
         """Train from the current step to `train_steps`; return the last epoch's logs.

@@ -52,6 +52,8 @@ def split_documents(docs: list[bytes], val_fraction: float):
 
     The document on the boundary is cut at a UTF-8 character boundary.
     """
+    if val_fraction <= 0:
+        return docs, []
     total = sum(len(d) for d in docs)
     remaining = max(1, math.ceil(total * val_fraction))
     for i in range(len(docs) - 1, -1, -1):
@@ -85,10 +87,13 @@ def _write_shards(directory: str, split: str, tokens: np.ndarray, dtype) -> list
     return shards
 
 
-def prepare(files: list[Path], output: str, tokenizer: str = "byte",
+def prepare(files: list[Path], output: str, tokenizer="byte",
             vocab_size: int | None = None, val_fraction: float = 0.02,
             log=print) -> dict:
     """Tokenize `files` into `output` (which must not exist); return the manifest.
+
+    `tokenizer` names the kind to train on the training text, or is a
+    tokenizer already trained (tfdp-eval scores text with the model's own).
 
     Everything is written to a staging directory beside `output` and renamed
     into place at the end, so a failure leaves nothing behind.
@@ -101,7 +106,8 @@ def prepare(files: list[Path], output: str, tokenizer: str = "byte",
         raise UserError(f"--output={output} already exists and is not empty; "
                         "choose a new directory or delete it")
     docs = read_documents(files)
-    if tokenizer != "byte":
+    kind = tokenizer if isinstance(tokenizer, str) else tokenizer.kind
+    if kind != "byte":
         bad = sum(1 for d in docs if not _is_utf8(d))
         if bad:
             print(f"warning: {bad} file(s) are not valid UTF-8; invalid bytes become "
@@ -110,8 +116,9 @@ def prepare(files: list[Path], output: str, tokenizer: str = "byte",
     if not train_docs:
         raise UserError(f"--val_fraction={val_fraction} leaves no training text; lower it")
     log(f"tokenizing {len(files)} file(s), {sum(map(len, docs)):,} bytes "
-        f"with the {tokenizer} tokenizer")
-    tok = train_tokenizer(tokenizer, train_docs, vocab_size)
+        f"with the {kind} tokenizer")
+    tok = (train_tokenizer(tokenizer, train_docs, vocab_size) if isinstance(tokenizer, str)
+           else tokenizer)
     dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
     streams = {"train": _stream(tok, train_docs), "val": _stream(tok, val_docs)}
     doc_bytes = {"train": sum(map(len, train_docs)), "val": sum(map(len, val_docs))}

@@ -1,4 +1,5 @@
-"""Load a trained model from a model_dir for generation (no strategy needed)."""
+"""A trained run read back from its model_dir: its config, tokenizer and
+latest weights (for generation and evaluation)."""
 
 from __future__ import annotations
 
@@ -12,20 +13,32 @@ from tfdp.model import build_model
 from tfdp.tokenizers import load_tokenizer
 
 
-def load_trained(model_dir: str):
-    """Return (model, tokenizer, config) at the latest checkpoint of `model_dir`."""
+def load_run(model_dir: str):
+    """(config, tokenizer, absolute model_dir) of a tfdp-train run that has a
+    checkpoint."""
     model_dir = os.path.abspath(os.path.expanduser(model_dir))
     cfg = Config.load(model_dir)
     if cfg is None:
         raise UserError(f"--model_dir={model_dir} holds no tfdp run (no config.json); "
                         "point at a directory written by tfdp-train")
-    latest = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
-    if latest is None:
+    if tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints")) is None:
         raise UserError(f"--model_dir={model_dir} has no checkpoint yet; "
                         "train longer than --checkpoint_every steps first")
-    tokenizer = load_tokenizer(os.path.join(model_dir, "tokenizer"))
-    model = build_model(cfg, tokenizer.vocab_size)
-    # Only the weights are wanted: the optimizer's slots stay unread.
+    return cfg, load_tokenizer(os.path.join(model_dir, "tokenizer")), model_dir
+
+
+def restore_weights(model, model_dir: str) -> None:
+    """Load the latest checkpoint's weights into `model` (built by
+    tfdp.model.build_model with the run's config, inside a strategy scope
+    or not). The optimizer's slots stay unread."""
+    latest = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
     tf.train.Checkpoint(backbone=model.backbone).restore(latest).expect_partial() \
         .assert_existing_objects_matched()
+
+
+def load_trained(model_dir: str):
+    """Return (model, tokenizer, config) at the latest checkpoint of `model_dir`."""
+    cfg, tokenizer, model_dir = load_run(model_dir)
+    model = build_model(cfg, tokenizer.vocab_size)
+    restore_weights(model, model_dir)
     return model, tokenizer, cfg

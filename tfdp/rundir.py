@@ -62,7 +62,7 @@ def conflict(cfg: Config, model_dir: str) -> str | None:
             return None
         reason = cfg.resume_conflicts(saved)
         data = os.path.expanduser(cfg.data)
-        if reason is None and is_prepared(data) and not _same_files(
+        if reason is None and is_prepared(data) and not same_files(
                 os.path.join(data, "tokenizer"), os.path.join(model_dir, "tokenizer")):
             reason = (f"was trained with another tokenizer than the one in --data={cfg.data} "
                       f"({os.path.join(model_dir, 'tokenizer')} differs)")
@@ -71,7 +71,9 @@ def conflict(cfg: Config, model_dir: str) -> str | None:
     return reason
 
 
-def _same_files(a: str, b: str) -> bool:
+def same_files(a: str, b: str) -> bool:
+    """Whether directories `a` and `b` hold the same files, byte for byte
+    (true when `b` does not exist yet)."""
     if not os.path.isdir(b):
         return True  # nothing recorded yet to disagree with
     names = sorted(os.listdir(a)) if os.path.isdir(a) else []

@@ -1,0 +1,38 @@
+"""tfdp-eval: loss, perplexity and bits per byte of a trained model over a
+whole split, data-parallel like training."""
+
+import json
+
+from absl import flags
+
+from trainer import cli
+from trainer.flags import FLAGS, define_strategy_flags
+
+flags.DEFINE_string("model_dir", None, "A directory written by tfdp-train.", required=True)
+flags.DEFINE_string("data", None,
+                    "What to score: a directory written by tfdp-prepare with the model's "
+                    "tokenizer, or text (files, globs, a directory, 'stdlib'), tokenized with "
+                    "the model's tokenizer and scored whole. Default: the run's own data.")
+flags.DEFINE_enum("split", "val", ["train", "val"], "Split of a prepared --data to score.")
+flags.DEFINE_integer("batch_size", 0,
+                     "Windows per step over all replicas; 0: the run's --global_batch_size.")
+flags.DEFINE_bool("json", False, "Print the figures as one JSON object instead.")
+define_strategy_flags()
+
+
+def main() -> None:
+    from tfdp.evaluate import evaluate
+
+    result = evaluate(FLAGS.model_dir, FLAGS.data, FLAGS.split, FLAGS.batch_size,
+                      FLAGS.strategy, FLAGS.num_cpu_replicas,
+                      log=(lambda *_: None) if FLAGS.json else print)
+    if FLAGS.json:
+        print(json.dumps(result))
+
+
+def run() -> None:
+    cli.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -17,6 +17,7 @@ setup(
         # keras-hub's WordPiece trainer and tokenizers need TF Text.
         "tensorflow-text>=2.21,<2.22",
         "sentencepiece",
+        "tokenizers",  # trains --tokenizer=bpe (keras-hub applies it)
         "tensorboard",  # tf.summary needs it; TF 2.21 no longer installs it
         "tensorflow-datasets",
         "absl-py",

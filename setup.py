@@ -13,7 +13,9 @@ setup(
     install_requires=[
         "tensorflow>=2.21,<2.22",
         "keras>=3.15",
-        "keras-hub>=0.32",
+        # tfdp's BPE follows keras-hub 0.32's BytePairTokenizer exactly
+        # (tfdp/tokenizers.py), so another minor version could change token ids.
+        "keras-hub>=0.32,<0.33",
         # keras-hub's WordPiece trainer and tokenizers need TF Text.
         "tensorflow-text>=2.21,<2.22",
         "sentencepiece",

@@ -195,3 +195,30 @@ def test_resuming_with_another_whole_file_layout_warns(tmp_path, text_file):
     # The new checkpoint records this run's layout: no warning next time.
     checkpoint.restore(tf.train.latest_checkpoint(str(run / "checkpoints"))).expect_partial()
     assert int(checkpoint.input_pipelines.numpy()) == 1
+
+
+def test_a_checkpoint_without_the_loss_scale_still_resumes(tmp_path, text_file):
+    """Checkpoints written before tfdp kept the fp16 loss scale resume with
+    the initial scale instead of being taken for corrupt ones."""
+    from tfdp.checkpoints import make_checkpoint
+    from tfdp.loss_scale import DynamicLossScale
+    from tfdp.model import build_model
+    from tfdp.optimizer import build_optimizer
+    run = tmp_path / "run"
+    cfg = Config(data=str(text_file), model_dir=str(run), **{**COMMON, "train_steps": 5})
+    train(cfg, log=lambda *_: None)
+    model = build_model(cfg, 257)
+    optimizer = build_optimizer(cfg, model.trainable_variables)
+    full = make_checkpoint(model, optimizer, 1, DynamicLossScale())
+    full.restore(tf.train.latest_checkpoint(str(run / "checkpoints"))).expect_partial()
+    old = tf.train.Checkpoint(backbone=full.backbone, optimizer=full.optimizer, rng=full.rng,
+                              nonfinite_steps=full.nonfinite_steps,
+                              input_pipelines=full.input_pipelines)
+    tf.train.CheckpointManager(old, str(run / "checkpoints"), 3).save(5)
+    assert "loss_scale/scale/.ATTRIBUTES/VARIABLE_VALUE" not in dict(
+        tf.train.list_variables(tf.train.latest_checkpoint(str(run / "checkpoints"))))
+    lines = []
+    metrics = train(Config(**{**cfg.__dict__, "train_steps": 7}), log=lines.append)
+    assert metrics["step"] == 7
+    assert any(line.startswith("resumed from step 5") for line in lines), lines
+    assert not any("unreadable" in line for line in lines), lines

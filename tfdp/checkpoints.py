@@ -39,8 +39,9 @@ def make_checkpoint(model, optimizer, input_pipelines: int,
       (with whole shard files per worker the data order depends on it);
     - loss_scale: the fp16 dynamic loss scale (tfdp.loss_scale, built in
       the strategy scope). It is in every checkpoint, used or not, so that
-      a run may change --mixed_precision when it resumes: a checkpoint
-      lacking it could not be restored whole.
+      a run may change --mixed_precision when it resumes. Checkpoints
+      written before tfdp kept it resume with the initial scale
+      (restore_newest_readable).
     """
     rng = {f"seed_{i}": v for i, v in enumerate(model.non_trainable_variables)
            if "seed_generator_state" in v.path}
@@ -71,6 +72,22 @@ def save(manager: tf.train.CheckpointManager, step: int) -> None:
                         "permissions, then run the same command again") from None
 
 
+# Parts added to make_checkpoint after checkpoints were first written:
+# older checkpoints lack them, and they keep their initial values.
+_ADDED_LATER = ("loss_scale",)
+_PARTS = ("backbone", "optimizer", "rng", "nonfinite_steps", "input_pipelines") + _ADDED_LATER
+
+
+def _restorable(checkpoint: tf.train.Checkpoint, path: str) -> tf.train.Checkpoint:
+    """`checkpoint`, less the later-added parts that the file at `path` lacks."""
+    present = {name.split("/")[0] for name, _ in tf.train.list_variables(path)}
+    missing = [part for part in _ADDED_LATER if part not in present]
+    if not missing:
+        return checkpoint
+    return tf.train.Checkpoint(**{part: getattr(checkpoint, part) for part in _PARTS
+                                  if part not in missing})
+
+
 def restore_newest_readable(checkpoint: tf.train.Checkpoint, directory: str, say) -> None:
     """Restore the newest checkpoint that reads back whole; a truncated or
     corrupt newer one (a crash mid-write, a full disk) is skipped with a
@@ -79,7 +96,7 @@ def restore_newest_readable(checkpoint: tf.train.Checkpoint, directory: str, say
     paths = list(state.all_model_checkpoint_paths) if state else []
     for i, path in enumerate(reversed(paths)):
         try:
-            checkpoint.restore(path).assert_existing_objects_matched()
+            _restorable(checkpoint, path).restore(path).assert_existing_objects_matched()
         except (tf.errors.OpError, ValueError, AssertionError, IndexError, OSError) as err:
             text = str(err).strip()
             reason = text.splitlines()[0][:160] if text else type(err).__name__

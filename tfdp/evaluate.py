@@ -6,26 +6,26 @@ window of the split is scored exactly once (the last batch is padded with
 windows of weight 0); the tokens after the last whole window are not. The
 sums are taken in a fixed order (on the replica, by the all-reduce, then
 batch by batch in Python floats), so the same inputs on the same replicas
-give the same digits.
+give the same digits (the same --batch_size too: it decides the padding
+and the order of the sums).
 
 Training validates with `score`; `tfdp-eval` runs `evaluate`.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
 import tempfile
 
-import tensorflow as tf
-
 import data as recipes
 from tfdp.config import Config
 from tfdp.dataset import Split, eval_dataset_fn, eval_steps_for
 from tfdp.errors import UserError
-from tfdp.prepare import is_prepared, load_manifest, prepare
 from tfdp.model import build_model
+from tfdp.prepare import is_prepared, load_manifest, prepare
 from tfdp.restore import load_run, restore_weights
 from tfdp.rundir import same_files
 from tfdp.step import default_jit_compile, make_eval_step
@@ -60,12 +60,13 @@ def loss_metrics(loss: float, split: Split, prefix: str = "") -> dict:
 
 
 def evaluate(model_dir: str, data: str | None = None, split: str = "val", batch_size: int = 0,
-             strategy_name: str = "auto", num_cpu_replicas: int = 2, log=print) -> dict:
+             strategy_name: str = "auto", num_cpu_replicas: int = 2, log=print,
+             as_json: bool = False) -> dict:
     """Score the latest checkpoint of `model_dir` on `data`: a directory
     written by tfdp-prepare (its `split`, which must use the model's
     tokenizer) or text (files, globs, a directory, `stdlib`), tokenized with
     the model's own tokenizer and scored whole. Without `data`: the run's
-    own prepared data."""
+    own prepared data. The chief logs one line (`as_json`: one JSON object)."""
     # The strategy first: it fixes TensorFlow's devices, which loading the
     # tokenizer would otherwise do.
     saved = Config.load(os.path.abspath(os.path.expanduser(model_dir))) or Config()
@@ -86,15 +87,14 @@ def evaluate(model_dir: str, data: str | None = None, split: str = "val", batch_
     tmp = tempfile.mkdtemp(prefix="tfdp-eval-")
     try:
         data_dir, split, what = _data(data, split, model_dir, tokenizer, tmp)
-        try:
-            windows = Split(data_dir, split, cfg.seq_len)
-        except UserError:
-            tokens = load_manifest(data_dir)["splits"][split]["tokens"]
+        tokens = load_manifest(data_dir)["splits"][split]["tokens"]
+        if tokens < cfg.seq_len + 1:
             raise UserError(f"{what} has {tokens} tokens, fewer than one window of the "
-                            f"model's seq_len+1={cfg.seq_len + 1}; give more text") from None
+                            f"model's seq_len+1={cfg.seq_len + 1}; give more text")
+        windows = Split(data_dir, split, cfg.seq_len)
         with strategy.scope():
             model = build_model(cfg, tokenizer.vocab_size)
-        restore_weights(model, model_dir)
+        checkpoint = restore_weights(model, model_dir)
         jit = (default_jit_compile(cfg.mixed_precision, strategy)
                if cfg.jit_compile is None else cfg.jit_compile)
         steps = eval_steps_for(windows, batch)
@@ -103,9 +103,10 @@ def evaluate(model_dir: str, data: str | None = None, split: str = "val", batch_
         shutil.rmtree(tmp, ignore_errors=True)
     result = {**loss_metrics(loss, windows), "windows": windows.num_windows,
               "tokens_scored": windows.num_windows * cfg.seq_len, "data": what,
-              "step": int(os.path.basename(tf.train.latest_checkpoint(
-                  os.path.join(model_dir, "checkpoints"))).split("-")[-1])}
-    if is_chief(strategy):
+              "step": int(os.path.basename(checkpoint).split("-")[-1])}
+    if is_chief(strategy) and as_json:
+        log(json.dumps(result))
+    elif is_chief(strategy):
         log(f"{what}: loss {loss:.6f} | perplexity {result['perplexity']:.4f} | bits/byte "
             f"{result['bits_per_byte']:.6f} | {result['tokens_scored']:,} tokens in "
             f"{windows.num_windows:,} windows of {cfg.seq_len} | checkpoint of step "

@@ -12,9 +12,9 @@ S adapts as training goes (Micikevicius et al. 2018, "Mixed Precision
 Training", with the constants of Keras' LossScaleOptimizer): a step whose
 gradients overflow (Inf or NaN while the loss itself is finite) is skipped
 and halves S, and 2000 finite steps in a row double it. Unlike Keras, S
-never drops below 1: a gradient that overflows even unscaled is no scaling
-problem, and tfdp's non-finite handling (stop, or --skip_nonfinite_steps)
-takes it.
+never drops below 1: a gradient that overflows even unscaled, or a loss
+that is itself NaN or Inf, is treated as a fault, not as a scale to
+shrink, by tfdp's non-finite handling (stop, or --skip_nonfinite_steps).
 
 bfloat16 has float32's exponent range and needs no scaling.
 """
@@ -47,13 +47,14 @@ class DynamicLossScale(tf.Module):
         return (tf.math.is_finite(loss) & tf.logical_not(tf.math.is_finite(grad_norm))
                 & (self.scale > 1.0))
 
-    def update(self, grads_finite) -> None:
-        """Halve S after an overflow; double it after `growth_interval`
-        finite steps in a row. `grads_finite` must be the same on every
-        replica (it comes from all-reduced gradients)."""
-        good = tf.where(grads_finite, self.good_steps + 1, tf.zeros_like(self.good_steps))
+    def update(self, overflow, finite) -> None:
+        """After a step: halve S on an overflow, count a `finite` step and
+        double S after `growth_interval` of them in a row; a step that is
+        neither (a NaN loss) leaves both alone. Both flags must be the same on
+        every replica (they come from all-reduced figures)."""
+        good = tf.where(overflow, tf.zeros_like(self.good_steps),
+                        tf.where(finite, self.good_steps + 1, self.good_steps))
         grow = good >= self.growth_interval
-        self.scale.assign(tf.where(grads_finite,
-                                   tf.where(grow, self.scale * 2.0, self.scale),
-                                   tf.maximum(self.scale * 0.5, 1.0)))
+        self.scale.assign(tf.where(overflow, tf.maximum(self.scale * 0.5, 1.0),
+                                   tf.where(grow, self.scale * 2.0, self.scale)))
         self.good_steps.assign(tf.where(grow, tf.zeros_like(good), good))

@@ -27,13 +27,15 @@ def load_run(model_dir: str):
     return cfg, load_tokenizer(os.path.join(model_dir, "tokenizer")), model_dir
 
 
-def restore_weights(model, model_dir: str) -> None:
+def restore_weights(model, model_dir: str) -> str:
     """Load the latest checkpoint's weights into `model` (built by
     tfdp.model.build_model with the run's config, inside a strategy scope
-    or not). The optimizer's slots stay unread."""
+    or not); return that checkpoint's path. The optimizer's slots stay
+    unread."""
     latest = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
     tf.train.Checkpoint(backbone=model.backbone).restore(latest).expect_partial() \
         .assert_existing_objects_matched()
+    return latest
 
 
 def load_trained(model_dir: str):

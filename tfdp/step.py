@@ -29,10 +29,10 @@ def default_jit_compile(mixed_precision: str, strategy) -> bool:
     """XLA unless the step computes in 16 bits on CPUs.
 
     Measured (benchmarks/throughput.py, 2-core CPU with AVX512_BF16 and
-    AMX): XLA made the default model 1.4x faster in float32, but under
-    bfloat16 it ran the 6x384 model at 0.54x of TensorFlow's own kernels,
+    AMX): XLA made the 4x128 models 1.4x faster in float32, but under
+    bfloat16 it ran the 6x384 model at 0.65x of TensorFlow's own kernels,
     which reach the CPU's bfloat16 matrix units through oneDNN where XLA's
-    CPU backend does not (float16 likewise, 0.89x). On GPUs XLA stays on.
+    CPU backend does not (float16 likewise, 0.88x). On GPUs XLA stays on.
     """
     on_cpu = not any("GPU" in d.upper() for d in strategy.extended.worker_devices)
     return not (on_cpu and mixed_precision in ("bf16", "fp16"))
@@ -124,7 +124,7 @@ def make_train_step(strategy, model, optimizer, global_batch_size: int, seq_len:
         overflow = tf.constant(False)
         if loss_scale is not None:
             overflow = loss_scale.overflowed(loss, norm)
-            loss_scale.update(tf.math.is_finite(norm))
+            loss_scale.update(overflow, tf.math.is_finite(loss) & tf.math.is_finite(norm))
         if clip_norm > 0:
             grads, _ = tf.clip_by_global_norm(grads, clip_norm, use_norm=norm)
         if skip_nonfinite or loss_scale is not None:

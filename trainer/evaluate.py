@@ -1,8 +1,6 @@
 """tfdp-eval: loss, perplexity and bits per byte of a trained model over a
 whole split, data-parallel like training."""
 
-import json
-
 from absl import flags
 
 from trainer import cli
@@ -23,11 +21,8 @@ define_strategy_flags()
 def main() -> None:
     from tfdp.evaluate import evaluate
 
-    result = evaluate(FLAGS.model_dir, FLAGS.data, FLAGS.split, FLAGS.batch_size,
-                      FLAGS.strategy, FLAGS.num_cpu_replicas,
-                      log=(lambda *_: None) if FLAGS.json else print)
-    if FLAGS.json:
-        print(json.dumps(result))
+    evaluate(FLAGS.model_dir, FLAGS.data, FLAGS.split, FLAGS.batch_size, FLAGS.strategy,
+             FLAGS.num_cpu_replicas, as_json=FLAGS.json)
 
 
 def run() -> None:

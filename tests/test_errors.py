@@ -79,7 +79,7 @@ def train_cli(model_dir: Path, *flags: str, env=None):
     ({"dropout": 1.0}, "--dropout=1.0"),
     ({"hidden_dim": 30, "num_heads": 4}, "--hidden_dim=30"),
     ({"strategy": "bogus"}, "--strategy='bogus'"),
-    ({"tokenizer": "bpe"}, "--tokenizer='bpe'"),
+    ({"tokenizer": "unigram"}, "--tokenizer='unigram'"),
     ({"model_dir": ""}, "--model_dir"),
     ({"collective_timeout": 0}, "--collective_timeout=0"),
     ({"slurm_port_base": 80}, "--slurm_port_base=80"),
@@ -310,7 +310,7 @@ def test_bad_sampler_settings():
 
 @pytest.mark.parametrize("prog, flag, extra", [
     ("tfdp-train", "--strategy=ring", []),
-    ("tfdp-prepare", "--tokenizer=bpe", ["--input=x", "--output=y"]),
+    ("tfdp-prepare", "--tokenizer=unigram", ["--input=x", "--output=y"]),
     ("tfdp-generate", "--sampler=beam", ["--model_dir=x"]),
 ])
 def test_cli_unknown_enum_value(tmp_path, prog, flag, extra):

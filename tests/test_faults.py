@@ -171,9 +171,9 @@ def test_a_failing_save_is_a_clear_error_and_keeps_earlier_checkpoints(tmp_path,
     assert any("resumed from step 5" in line for line in lines) and metrics["step"] == 10
 
 
-def test_resuming_with_another_whole_file_layout_warns(tmp_path, text_file):
-    """A checkpoint written by 2 input pipelines that each read whole shard
-    files, resumed by 1: the data order changes, and the run says so."""
+def _five_steps_read_back(tmp_path, text_file):
+    """(config, model_dir, checkpoint as tfdp makes it, restored) of a
+    5-step run, for a test to rewrite its checkpoint."""
     from tfdp.checkpoints import make_checkpoint
     from tfdp.loss_scale import DynamicLossScale
     from tfdp.model import build_model
@@ -183,8 +183,15 @@ def test_resuming_with_another_whole_file_layout_warns(tmp_path, text_file):
     train(cfg, log=lambda *_: None)
     model = build_model(cfg, 257)
     optimizer = build_optimizer(cfg, model.trainable_variables)
-    checkpoint = make_checkpoint(model, optimizer, 2, DynamicLossScale())
+    checkpoint = make_checkpoint(model, optimizer, 1, DynamicLossScale())
     checkpoint.restore(tf.train.latest_checkpoint(str(run / "checkpoints"))).expect_partial()
+    return cfg, run, checkpoint
+
+
+def test_resuming_with_another_whole_file_layout_warns(tmp_path, text_file):
+    """A checkpoint written by 2 input pipelines that each read whole shard
+    files, resumed by 1: the data order changes, and the run says so."""
+    cfg, run, checkpoint = _five_steps_read_back(tmp_path, text_file)
     checkpoint.input_pipelines.assign(2)  # as if 2 workers had written it
     tf.train.CheckpointManager(checkpoint, str(run / "checkpoints"), 3).save(5)
     lines = []
@@ -200,17 +207,7 @@ def test_resuming_with_another_whole_file_layout_warns(tmp_path, text_file):
 def test_a_checkpoint_without_the_loss_scale_still_resumes(tmp_path, text_file):
     """Checkpoints written before tfdp kept the fp16 loss scale resume with
     the initial scale instead of being taken for corrupt ones."""
-    from tfdp.checkpoints import make_checkpoint
-    from tfdp.loss_scale import DynamicLossScale
-    from tfdp.model import build_model
-    from tfdp.optimizer import build_optimizer
-    run = tmp_path / "run"
-    cfg = Config(data=str(text_file), model_dir=str(run), **{**COMMON, "train_steps": 5})
-    train(cfg, log=lambda *_: None)
-    model = build_model(cfg, 257)
-    optimizer = build_optimizer(cfg, model.trainable_variables)
-    full = make_checkpoint(model, optimizer, 1, DynamicLossScale())
-    full.restore(tf.train.latest_checkpoint(str(run / "checkpoints"))).expect_partial()
+    cfg, run, full = _five_steps_read_back(tmp_path, text_file)
     old = tf.train.Checkpoint(backbone=full.backbone, optimizer=full.optimizer, rng=full.rng,
                               nonfinite_steps=full.nonfinite_steps,
                               input_pipelines=full.input_pipelines)

@@ -33,6 +33,8 @@ setup(
             "tfdp-generate=trainer.generate:run",
             "tfdp-eval=trainer.evaluate:run",
             "tfdp-launch=trainer.launch:run",
+            "tfdp-export=trainer.export:run",
+            "tfdp-finetune=trainer.finetune:run",
         ],
     },
 )

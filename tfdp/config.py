@@ -25,7 +25,7 @@ MIXED_PRECISION = ("off", "bf16", "fp16")
 # order (a pure function of seed, step and global batch). A model_dir written
 # with other values cannot be resumed (see `check_resumable`).
 RESUME_FIELDS = (
-    "data", "tokenizer", "vocab_size", "val_fraction", "seq_len",
+    "data", "text_feature", "tokenizer", "vocab_size", "val_fraction", "seq_len",
     "num_layers", "num_heads", "hidden_dim", "intermediate_dim",
     "global_batch_size", "seed",
 )
@@ -46,8 +46,12 @@ class Config:
     CPU split into two replicas.
     """
 
-    # Data: a prepared directory, a text file/glob/directory list, or "stdlib".
+    # Data: a prepared directory, a text file/glob/directory list, "stdlib",
+    # or a TensorFlow Datasets split "tfds:NAME[/CONFIG][:SPLIT]" (streamed).
     data: str = "stdlib"
+    text_feature: str = "text"  # the TFDS feature that holds the text
+    tfds_data_dir: str | None = None  # None: TFDS' default (~/tensorflow_datasets)
+    tfds_download: bool = False  # let TFDS download and prepare a dataset it lacks
     tokenizer: str = "byte"
     vocab_size: int | None = None  # None: the tokenizer's own default
     val_fraction: float = 0.02

@@ -106,6 +106,10 @@ class Split:
     def num_windows(self) -> int:
         return len(self.starts)
 
+    def dataset_fn(self, global_batch_size: int, seed: int, start_step: int = 0):
+        """The training loop's dataset function (`train_dataset_fn`)."""
+        return train_dataset_fn(self, global_batch_size, seed, start_step)
+
     def window_fn(self):
         """A tf function mapping window indices [b] to token windows [b, seq_len+1]."""
         tokens = tf.constant(self.tokens)

@@ -22,7 +22,7 @@ from tfdp import checkpoints, watchdog
 from tfdp.cluster import input_pipeline
 from tfdp.errors import Preempted, UserError
 from tfdp.preemption import PreemptionGuard
-from tfdp.dataset import Split, eval_steps_for, train_dataset_fn
+from tfdp.dataset import Split, eval_steps_for
 from tfdp.evaluate import loss_metrics, score
 from tfdp.step import default_jit_compile, make_eval_step, make_train_step
 
@@ -44,9 +44,11 @@ def peak_device_memory_gib(strategy) -> dict:
 
 
 class Trainer:
-    """Trains `model` on `train` with `optimizer`, validating on `val`."""
+    """Trains `model` on `train` (a tfdp.dataset.Split of token shards or a
+    tfdp.stream.TextStream: whatever gives `dataset_fn(global_batch_size,
+    seed, start_step)`) with `optimizer`, validating on the Split `val`."""
 
-    def __init__(self, cfg, strategy, model, optimizer, train: Split, val: Split,
+    def __init__(self, cfg, strategy, model, optimizer, train, val: Split,
                  checkpoints: tf.train.CheckpointManager, callbacks=(),
                  flops_per_token: float = 0.0, peak_flops: float = 0.0, log=lambda *_: None,
                  before_exit=None):
@@ -157,7 +159,7 @@ class Trainer:
         cfg = self.cfg
         start = self.step
         dataset = self.strategy.distribute_datasets_from_function(
-            train_dataset_fn(self.train, cfg.global_batch_size, cfg.seed, start))
+            self.train.dataset_fn(cfg.global_batch_size, cfg.seed, start))
         iterator = iter(dataset)
         self.callbacks.set_params({"epochs": math.ceil(cfg.train_steps / cfg.eval_every),
                                    "steps": cfg.eval_every, "verbose": 0})

@@ -7,6 +7,9 @@ Layout of a prepared directory:
     train-00000.npy ...  uint16/uint32 token ids, documents joined by EOT
     val-00000.npy ...
 
+A streamed corpus (`--data=tfds:...`, `prepare_stream`) keeps only its
+tokenizer and val split here: its training text is tokenized as it is read.
+
 The split is made on bytes BEFORE the tokenizer is trained: the last
 `val_fraction` of the corpus (files in the order given, as is customary for
 a held-out tail) is validation, and neither the tokenizer nor training ever
@@ -25,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data.tfds_text import MAX_VAL_BYTES
 from tfdp.errors import UserError
 from tfdp.tokenizers import train_tokenizer
 
@@ -87,17 +91,8 @@ def _write_shards(directory: str, split: str, tokens: np.ndarray, dtype) -> list
     return shards
 
 
-def prepare(files: list[Path], output: str, tokenizer="byte",
-            vocab_size: int | None = None, val_fraction: float = 0.02,
-            log=print) -> dict:
-    """Tokenize `files` into `output` (which must not exist); return the manifest.
-
-    `tokenizer` names the kind to train on the training text, or is a
-    tokenizer already trained (tfdp-eval scores text with the model's own).
-
-    Everything is written to a staging directory beside `output` and renamed
-    into place at the end, so a failure leaves nothing behind.
-    """
+def check_output(output: str) -> str:
+    """`output` made absolute; UserError unless it is new or an empty directory."""
     output = os.path.abspath(output)
     if os.path.exists(output) and not os.path.isdir(output):
         raise UserError(f"--output={output} is a file, not a directory; "
@@ -105,6 +100,18 @@ def prepare(files: list[Path], output: str, tokenizer="byte",
     if os.path.exists(output) and os.listdir(output):
         raise UserError(f"--output={output} already exists and is not empty; "
                         "choose a new directory or delete it")
+    return output
+
+
+def prepare(files: list[Path], output: str, tokenizer="byte",
+            vocab_size: int | None = None, val_fraction: float = 0.02,
+            log=print) -> dict:
+    """Tokenize `files` into `output` (which must not exist); return the manifest.
+
+    `tokenizer` names the kind to train on the training text, or is a
+    tokenizer already trained (tfdp-eval scores text with the model's own).
+    """
+    output = check_output(output)
     docs = read_documents(files)
     kind = tokenizer if isinstance(tokenizer, str) else tokenizer.kind
     if kind != "byte":
@@ -119,10 +126,47 @@ def prepare(files: list[Path], output: str, tokenizer="byte",
         f"with the {kind} tokenizer")
     tok = (train_tokenizer(tokenizer, train_docs, vocab_size) if isinstance(tokenizer, str)
            else tokenizer)
-    dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
-    streams = {"train": _stream(tok, train_docs), "val": _stream(tok, val_docs)}
-    doc_bytes = {"train": sum(map(len, train_docs)), "val": sum(map(len, val_docs))}
+    return write_prepared(output, tok, {"train": train_docs, "val": val_docs},
+                          {"val_fraction": val_fraction, "num_files": len(files)})
 
+
+TOKENIZER_SAMPLE_BYTES = 32 << 20  # text a streamed corpus' tokenizer is trained on
+
+
+def prepare_stream(source, output: str, tokenizer: str = "byte",
+                   vocab_size: int | None = None, log=print) -> dict:
+    """For a streamed corpus (a data.tfds_text.TfdsText): train the
+    tokenizer on the first TOKENIZER_SAMPLE_BYTES of its training split and
+    write it into `output` with the validation split's tokens. Training
+    text is not written: tfdp/stream.py tokenizes it as it reads."""
+    output = check_output(output)
+    sample: list[bytes] = []
+    if tokenizer != "byte":  # the byte tokenizer learns nothing
+        sample, whole = source.documents(source.train_split, TOKENIZER_SAMPLE_BYTES)
+        if not sample:
+            raise UserError(f"--data={source.spec}: split {source.train_split!r} holds no text "
+                            f"in --text_feature={source.feature!r}; pick the text feature")
+        log(f"training the {tokenizer} tokenizer on {'all' if whole else 'the first'} "
+            f"{sum(map(len, sample)):,} bytes of {source.spec} ({source.train_split})")
+    tok = train_tokenizer(tokenizer, sample, vocab_size)
+    val_docs, whole = source.documents(source.val_split, MAX_VAL_BYTES)
+    log(f"validation: {'all' if whole else 'the first'} {sum(map(len, val_docs)):,} bytes of "
+        f"split {source.val_split!r} of {source.spec}, tokenized with the {tok.kind} tokenizer")
+    return write_prepared(output, tok, {"val": val_docs},
+                          {"source": source.spec, "train_split": source.train_split,
+                           "val_split": source.val_split, "text_feature": source.feature})
+
+
+def write_prepared(output: str, tok, splits: dict[str, list[bytes]], about: dict) -> dict:
+    """Write `tok` and each split's documents, tokenized, into `output`
+    (new or empty); return the manifest, which also records `about`.
+
+    Everything is written to a staging directory beside `output` and renamed
+    into place at the end, so a failure leaves nothing behind.
+    """
+    output = check_output(output)
+    dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
+    streams = {split: _stream(tok, docs) for split, docs in splits.items()}
     parent = os.path.dirname(output)
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".tfdp-prepare-", dir=parent)
@@ -135,9 +179,9 @@ def prepare(files: list[Path], output: str, tokenizer="byte",
             "vocab_size": int(tok.vocab_size),
             "eot_id": int(tok.eot_id),
             "dtype": np.dtype(dtype).name,
-            "val_fraction": val_fraction,
-            "num_files": len(files),
-            "splits": {split: {"tokens": int(len(ids)), "bytes": int(doc_bytes[split]),
+            **about,
+            "splits": {split: {"tokens": int(len(ids)),
+                               "bytes": int(sum(map(len, splits[split]))),
                                "shards": _write_shards(staging, split, ids, dtype)}
                        for split, ids in streams.items()},
         }

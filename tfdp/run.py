@@ -27,6 +27,7 @@ import keras
 import tensorflow as tf
 
 import data as recipes
+from data.tfds_text import TfdsText, is_tfds
 from tfdp import cluster, watchdog
 from tfdp.callbacks import ProgressLogger, ScalarSummaries
 from tfdp import rundir
@@ -40,9 +41,10 @@ from tfdp.loop import Trainer, peak_device_memory_gib, peak_host_memory_gib
 from tfdp.loss_scale import DynamicLossScale
 from tfdp.model import build_model, count_params, non_embedding_params
 from tfdp.optimizer import build_optimizer
-from tfdp.prepare import is_prepared, load_manifest, prepare
+from tfdp.prepare import is_prepared, load_manifest, prepare, prepare_stream
 from tfdp.rundir import read_json, write_text
 from tfdp.strategy import build_strategy, is_chief
+from tfdp.stream import TextStream
 from tfdp.tokenizers import load_tokenizer
 
 
@@ -58,21 +60,28 @@ def _load_data(cfg: Config, run_dir: str, log) -> str:
     """Find or prepare token shards; return their directory.
 
     Text is prepared in a staging directory and moved into run_dir/data
-    only once both splits hold at least one window.
+    only once every split holds at least one window. A streamed TFDS
+    corpus gets its tokenizer and validation tokens there.
     """
     spec = os.path.expanduser(cfg.data)
     for data_dir in (spec, os.path.join(run_dir, "data")):
         if is_prepared(data_dir):
             return data_dir
-    files = recipes.source_files(spec)
+    if is_tfds(cfg.data):
+        source = tfds_source(cfg)
+        make = lambda out: prepare_stream(source, out, cfg.tokenizer, cfg.vocab_size, log)
+    else:
+        files = recipes.source_files(spec)
+        make = lambda out: prepare(files, out, cfg.tokenizer, cfg.vocab_size,
+                                   cfg.val_fraction, log=log)
     parent = os.path.dirname(run_dir)
     created = _first_missing(parent)  # removed again if preparing fails
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".tfdp-data-", dir=parent)
     try:
         staged = os.path.join(staging, "data")
-        prepare(files, staged, cfg.tokenizer, cfg.vocab_size, cfg.val_fraction, log=log)
-        Split(staged, "train", cfg.seq_len), Split(staged, "val", cfg.seq_len)  # windows?
+        for split in make(staged)["splits"]:
+            Split(staged, split, cfg.seq_len)  # raises unless it holds a window
         os.makedirs(run_dir, exist_ok=True)
         os.rename(staged, os.path.join(run_dir, "data"))
     except BaseException:
@@ -84,15 +93,24 @@ def _load_data(cfg: Config, run_dir: str, log) -> str:
     return os.path.join(run_dir, "data")
 
 
-def load_splits(cfg: Config, data_dir: str, strategy) -> tuple[Split, Split]:
-    """This worker's train and val splits: its own shard files when every
-    input pipeline can have whole files (--input_sharding=auto), else all."""
+def tfds_source(cfg: Config) -> TfdsText:
+    return TfdsText(cfg.data, cfg.text_feature, cfg.tfds_data_dir, cfg.tfds_download,
+                    cfg.val_fraction)
+
+
+def load_splits(cfg: Config, data_dir: str, strategy):
+    """This worker's training data and val split: its own shard files when
+    every input pipeline can have whole files (--input_sharding=auto), else
+    all; a TextStream for a TFDS corpus (tfdp/stream.py)."""
     pipeline, pipelines = cluster.input_pipeline(strategy)
 
     def split(name):
         shards = (shard_files(data_dir, name, cfg.seq_len, pipelines, pipeline)
                   if cfg.input_sharding == "auto" else None)
         return Split(data_dir, name, cfg.seq_len, shards)
+    if is_tfds(cfg.data):
+        tokenizer = load_tokenizer(os.path.join(data_dir, "tokenizer"))
+        return TextStream(tfds_source(cfg), tokenizer, cfg.seq_len), split("val")
     return split("train"), split("val")
 
 
@@ -170,6 +188,9 @@ def _train_in(cfg: Config, strategy, model_dir: str, write_dir: str, callbacks, 
     if resume:
         restore_newest_readable(checkpoint, os.path.join(model_dir, "checkpoints"), say)
     check_same_step(strategy, optimizer.iterations)
+    if isinstance(train_split, TextStream) and int(optimizer.iterations.numpy()):
+        say("note: a streamed corpus resumes in a fresh order seeded by the step, not where "
+            "the interrupted run was (tfdp/stream.py)")
     if int(checkpoint.input_pipelines.numpy()) != pipelines:
         say(f"warning: the data order from here differs from an uninterrupted run: the "
             f"checkpoint was written with {int(checkpoint.input_pipelines.numpy())} input "
@@ -188,7 +209,7 @@ def _train_in(cfg: Config, strategy, model_dir: str, write_dir: str, callbacks, 
     compute_dtype = tf.as_dtype(model.backbone.compute_dtype)
     peak = machine_peak_flops(strategy, compute_dtype)
     say(f"model: {num_params:,} parameters, {fpt / 1e6:.2f} MFLOPs/token; "
-        f"data: {train_split.num_windows:,} train / {val_split.num_windows:,} val windows "
+        f"data: {_describe(train_split)} / {val_split.num_windows:,} val windows "
         f"{'(this worker: whole shard files) ' if train_split.shards is not None else ''}"
         f"of {cfg.seq_len + 1} {manifest['tokenizer']} tokens; "
         f"measured {compute_dtype.name} matmul peak "
@@ -242,6 +263,12 @@ def _train_in(cfg: Config, strategy, model_dir: str, write_dir: str, callbacks, 
     write_text(os.path.join(write_dir, "sample.txt"), sample)
     say(sample)
     return metrics
+
+
+def _describe(train) -> str:
+    if isinstance(train, TextStream):
+        return f"train windows streamed from {train.name}"
+    return f"{train.num_windows:,} train"
 
 
 class _HistoryWriter(keras.callbacks.Callback):

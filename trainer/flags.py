@@ -25,6 +25,18 @@ def define_data_flags() -> None:
                        "Fraction of the text, taken from its end, held out for validation.")
 
 
+def define_tfds_flags() -> None:
+    """How `--data=tfds:NAME[/CONFIG][:SPLIT]` is read (tfdp-train, tfdp-eval)."""
+    flags.DEFINE_string("text_feature", _D.text_feature,
+                        "With --data=tfds:...: the dataset's feature that holds the text.")
+    flags.DEFINE_string("tfds_data_dir", _D.tfds_data_dir,
+                        "With --data=tfds:...: the TFDS data directory to read "
+                        "(default: TFDS' own, ~/tensorflow_datasets).")
+    flags.DEFINE_bool("tfds_download", _D.tfds_download,
+                      "With --data=tfds:...: let TFDS download and prepare a dataset missing "
+                      "from the data directory (otherwise nothing is downloaded).")
+
+
 def define_strategy_flags() -> None:
     """Which devices and replicas a command runs on (tfdp-train, tfdp-eval)."""
     flags.DEFINE_enum("strategy", _D.strategy, STRATEGIES,
@@ -39,7 +51,10 @@ def define_train_flags() -> None:
     define_data_flags()
     flags.DEFINE_string("data", _D.data,
                         "'stdlib' (this Python's standard library sources), a directory "
-                        "written by tfdp-prepare, or text files/globs/directories, comma-separated.")
+                        "written by tfdp-prepare, text files/globs/directories, comma-separated, "
+                        "or tfds:NAME[/CONFIG][:SPLIT], a TensorFlow Datasets split streamed "
+                        "through the tokenizer (validation: its validation or test split).")
+    define_tfds_flags()
     flags.DEFINE_integer("seq_len", _D.seq_len, "Tokens of context per training window.")
     flags.DEFINE_integer("num_layers", _D.num_layers, "Transformer decoder layers.")
     flags.DEFINE_integer("num_heads", _D.num_heads, "Attention heads per layer.")

@@ -46,15 +46,17 @@ class TfdsText:
     checked on construction (UserError names what is wrong and the fix)."""
 
     def __init__(self, spec: str, text_feature: str = "text", data_dir: str | None = None,
-                 download: bool = False, val_fraction: float = 0.02):
+                 download: bool = False):
         self.spec = spec.strip()
         name, _, split = self.spec[len(PREFIX):].partition(":")
         if not name:
             raise UserError(f"--data={spec} names no dataset; write tfds:NAME[/CONFIG][:SPLIT], "
                             "e.g. tfds:tiny_shakespeare")
-        self.name, self.feature = name, text_feature
+        self.name, self.feature, self.split = name, text_feature, split or "train"
         self.builder = self._builder(name, data_dir, download)
-        self.train_split, self.val_split = self._splits(split or "train", val_fraction)
+        if self._split_info(self.split).num_examples == 0:
+            raise UserError(f"--data={self.spec}: split {self.split!r} has no examples; "
+                            "choose a larger slice")
         self._check_feature()
 
     def _builder(self, name: str, data_dir: str | None, download: bool):
@@ -84,12 +86,9 @@ class TfdsText:
             raise UserError(f"--data={self.spec}: no split {split!r} ({str(err).splitlines()[0]});"
                             f" {self.name} has {known}") from None
 
-    def _splits(self, split: str, val_fraction: float) -> tuple[str, str]:
-        """(training split, validation split) as TFDS split strings."""
-        info = self._split_info(split)
-        if info.num_examples == 0:
-            raise UserError(f"--data={self.spec}: split {split!r} has no examples; "
-                            "choose a larger slice")
+    def train_and_val(self, val_fraction: float) -> tuple[str, str]:
+        """(training split, validation split) as TFDS split strings (module doc)."""
+        split, info = self.split, self._split_info(self.split)
         base = split.split("[")[0]  # a slice of "test" must not validate on "test"
         for candidate in ("validation", "test"):
             if candidate in self.builder.info.splits and candidate != base:

@@ -19,6 +19,7 @@ from conftest import run_cli
 from data.tfds_text import TfdsText
 from tfdp.config import Config
 from tfdp.errors import UserError
+from tfdp.evaluate import evaluate
 from tfdp.run import train
 from tfdp.stream import TextStream, stream_windows
 from tfdp.tokenizers import ByteTokenizer
@@ -63,7 +64,7 @@ def _toy(toy_dir, **kwargs):
 
 def test_each_input_pipeline_reads_its_own_files(toy_dir):
     source = _toy(toy_dir)
-    assert (source.train_split, source.val_split) == ("train", "test")
+    assert source.train_and_val(0.02) == ("train", "test")
     assert source.num_files("train") == 4
     seen = [sorted(int(t.split(b":")[0][4:]) for t in source.text_dataset(
         "train", tf.distribute.InputContext(2, p, 2), seed=1).as_numpy_iterator())
@@ -92,14 +93,14 @@ def test_a_split_with_fewer_files_than_pipelines_is_shared_window_by_window(tmp_
         download_config=tfds.download.DownloadConfig(num_shards=1))
     source = TfdsText("tfds:tfdp_toy_text:train[:20]", text_feature="content",
                       data_dir=str(tmp_path))
-    assert source.num_files(source.train_split) == 1
+    assert source.num_files(source.split) == 1
     tokenizer = ByteTokenizer()
-    docs = list(source.text_dataset(source.train_split).as_numpy_iterator())
+    docs = list(source.text_dataset(source.split).as_numpy_iterator())
     ids = [np.append(tokenizer.encode([d])[0], tokenizer.eot_id).astype(np.int32) for d in docs]
     tokens = tf.data.Dataset.from_generator(lambda: iter(ids),
                                             output_signature=tf.TensorSpec([None], tf.int32))
     expected = np.stack(list(stream_windows(tokens, 16).as_numpy_iterator()))
-    stream = TextStream(source, tokenizer, seq_len=16, shuffle_windows=1)
+    stream = TextStream(source, source.split, tokenizer, seq_len=16, shuffle_windows=1)
     fn = stream.dataset_fn(8, seed=3)
     batches = len(expected) // 8  # per pipeline, within the first pass
     for p in range(2):
@@ -127,6 +128,11 @@ def test_trains_and_resumes_on_a_tfds_split(toy_dir, tmp_path, mirrored):
     assert second["step"] == 35
     assert any("resumed from step 30" in line for line in resumed)
     assert any("fresh order" in line for line in resumed)
+    # tfdp-eval on the test split scores the text validation scored.
+    scored = evaluate(str(run), "tfds:tfdp_toy_text:test", log=lambda *_: None,
+                      tfds_options={"text_feature": "content", "data_dir": toy_dir})
+    assert scored["loss"] == pytest.approx(second["val_loss"], rel=1e-6)
+    assert scored["data"] == "tfds:tfdp_toy_text:test (8 documents)"
 
 
 @pytest.mark.slow
@@ -151,13 +157,14 @@ def test_tiny_shakespeare_through_mock_data(tmp_path, mirrored):
 
 def test_holds_out_the_end_of_a_split_without_validation(toy_dir, tmp_path):
     """A dataset with only the named split: its last val_fraction validates."""
+    sliced = TfdsText("tfds:tfdp_toy_text:test[:4]", text_feature="content", data_dir=toy_dir)
     with pytest.raises(UserError, match="has no validation or test split"):
-        TfdsText("tfds:tfdp_toy_text:test[:4]", text_feature="content", data_dir=toy_dir)
-    source = TfdsText("tfds:tfdp_toy_text:test", text_feature="content", data_dir=toy_dir,
-                      val_fraction=0.25)
-    # "test" is the split trained on, so the other candidate is not there:
-    # the toy dataset has no validation split, and test is taken.
-    assert (source.train_split, source.val_split) == ("test[:6]", "test[6:]")
+        sliced.train_and_val(0.25)
+    # The toy dataset has no validation split, and its test split trains here.
+    source = TfdsText("tfds:tfdp_toy_text:test", text_feature="content", data_dir=toy_dir)
+    assert source.train_and_val(0.25) == ("test[:6]", "test[6:]")
+    with pytest.raises(UserError, match="too few to hold out"):
+        source.train_and_val(1.0)
 
 
 @pytest.mark.parametrize("flags, expected", [

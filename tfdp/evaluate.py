@@ -21,11 +21,12 @@ import shutil
 import tempfile
 
 import data as recipes
+from data.tfds_text import TfdsText, is_tfds
 from tfdp.config import Config
 from tfdp.dataset import Split, eval_dataset_fn, eval_steps_for
 from tfdp.errors import UserError
 from tfdp.model import build_model
-from tfdp.prepare import is_prepared, load_manifest, prepare
+from tfdp.prepare import is_prepared, load_manifest, prepare, write_prepared
 from tfdp.restore import load_run, restore_weights
 from tfdp.rundir import same_files
 from tfdp.step import default_jit_compile, make_eval_step
@@ -61,12 +62,14 @@ def loss_metrics(loss: float, split: Split, prefix: str = "") -> dict:
 
 def evaluate(model_dir: str, data: str | None = None, split: str = "val", batch_size: int = 0,
              strategy_name: str = "auto", num_cpu_replicas: int = 2, log=print,
-             as_json: bool = False) -> dict:
+             as_json: bool = False, tfds_options: dict | None = None) -> dict:
     """Score the latest checkpoint of `model_dir` on `data`: a directory
     written by tfdp-prepare (its `split`, which must use the model's
-    tokenizer) or text (files, globs, a directory, `stdlib`), tokenized with
-    the model's own tokenizer and scored whole. Without `data`: the run's
-    own prepared data. The chief logs one line (`as_json`: one JSON object)."""
+    tokenizer), text (files, globs, a directory, `stdlib`) or a TFDS split
+    (`tfds:NAME[/CONFIG][:SPLIT]`, read with `tfds_options`, the keyword
+    arguments of data.tfds_text.TfdsText), tokenized with the model's own
+    tokenizer and scored whole. Without `data`: the run's own prepared
+    data. The chief logs one line (`as_json`: one JSON object)."""
     # The strategy first: it fixes TensorFlow's devices, which loading the
     # tokenizer would otherwise do.
     saved = Config.load(os.path.abspath(os.path.expanduser(model_dir))) or Config()
@@ -86,7 +89,7 @@ def evaluate(model_dir: str, data: str | None = None, split: str = "val", batch_
                             "name the text or prepared directory to score with --data")
     tmp = tempfile.mkdtemp(prefix="tfdp-eval-")
     try:
-        data_dir, split, what = _data(data, split, model_dir, tokenizer, tmp)
+        data_dir, split, what = _data(data, split, model_dir, tokenizer, tmp, tfds_options or {})
         tokens = load_manifest(data_dir)["splits"][split]["tokens"]
         if tokens < cfg.seq_len + 1:
             raise UserError(f"{what} has {tokens} tokens, fewer than one window of the "
@@ -114,8 +117,14 @@ def evaluate(model_dir: str, data: str | None = None, split: str = "val", batch_
     return result
 
 
-def _data(spec: str, split: str, model_dir: str, tokenizer, tmp: str):
+def _data(spec: str, split: str, model_dir: str, tokenizer, tmp: str, tfds_options: dict):
     """(prepared dir, split name, description) for `spec`."""
+    if is_tfds(spec):
+        source = TfdsText(spec, **tfds_options)
+        docs, _ = source.documents(source.split, max_bytes=1 << 62)  # the whole split
+        write_prepared(os.path.join(tmp, "data"), tokenizer, {"train": docs},
+                       {"source": spec})
+        return os.path.join(tmp, "data"), "train", f"{spec} ({len(docs):,} documents)"
     path = os.path.expanduser(spec)
     if is_prepared(path):
         if split not in load_manifest(path)["splits"]:

@@ -133,28 +133,29 @@ def prepare(files: list[Path], output: str, tokenizer="byte",
 TOKENIZER_SAMPLE_BYTES = 32 << 20  # text a streamed corpus' tokenizer is trained on
 
 
-def prepare_stream(source, output: str, tokenizer: str = "byte",
-                   vocab_size: int | None = None, log=print) -> dict:
-    """For a streamed corpus (a data.tfds_text.TfdsText): train the
-    tokenizer on the first TOKENIZER_SAMPLE_BYTES of its training split and
-    write it into `output` with the validation split's tokens. Training
-    text is not written: tfdp/stream.py tokenizes it as it reads."""
+def prepare_stream(source, train_split: str, val_split: str, output: str,
+                   tokenizer: str = "byte", vocab_size: int | None = None, log=print) -> dict:
+    """For a streamed corpus (`train_split` and `val_split` of a
+    data.tfds_text.TfdsText): train the tokenizer on the first
+    TOKENIZER_SAMPLE_BYTES of the training split and write it into `output`
+    with the validation split's tokens (at most MAX_VAL_BYTES of text).
+    Training text is not written: tfdp/stream.py tokenizes it as it reads."""
     output = check_output(output)
     sample: list[bytes] = []
     if tokenizer != "byte":  # the byte tokenizer learns nothing
-        sample, whole = source.documents(source.train_split, TOKENIZER_SAMPLE_BYTES)
+        sample, whole = source.documents(train_split, TOKENIZER_SAMPLE_BYTES)
         if not sample:
-            raise UserError(f"--data={source.spec}: split {source.train_split!r} holds no text "
+            raise UserError(f"--data={source.spec}: split {train_split!r} holds no text "
                             f"in --text_feature={source.feature!r}; pick the text feature")
         log(f"training the {tokenizer} tokenizer on {'all' if whole else 'the first'} "
-            f"{sum(map(len, sample)):,} bytes of {source.spec} ({source.train_split})")
+            f"{sum(map(len, sample)):,} bytes of {source.spec} ({train_split})")
     tok = train_tokenizer(tokenizer, sample, vocab_size)
-    val_docs, whole = source.documents(source.val_split, MAX_VAL_BYTES)
+    val_docs, whole = source.documents(val_split, MAX_VAL_BYTES)
     log(f"validation: {'all' if whole else 'the first'} {sum(map(len, val_docs)):,} bytes of "
-        f"split {source.val_split!r} of {source.spec}, tokenized with the {tok.kind} tokenizer")
+        f"split {val_split!r} of {source.spec}, tokenized with the {tok.kind} tokenizer")
     return write_prepared(output, tok, {"val": val_docs},
-                          {"source": source.spec, "train_split": source.train_split,
-                           "val_split": source.val_split, "text_feature": source.feature})
+                          {"source": source.spec, "train_split": train_split,
+                           "val_split": val_split, "text_feature": source.feature})
 
 
 def write_prepared(output: str, tok, splits: dict[str, list[bytes]], about: dict) -> dict:

@@ -28,7 +28,7 @@ import tensorflow as tf
 
 import data as recipes
 from data.tfds_text import TfdsText, is_tfds
-from tfdp import cluster, watchdog
+from tfdp import cluster, presets, watchdog
 from tfdp.callbacks import ProgressLogger, ScalarSummaries
 from tfdp import rundir
 from tfdp.checkpoints import check_same_step, make_checkpoint, restore_newest_readable
@@ -69,10 +69,12 @@ def _load_data(cfg: Config, run_dir: str, log) -> str:
             return data_dir
     if is_tfds(cfg.data):
         source = tfds_source(cfg)
-        make = lambda out: prepare_stream(source, out, cfg.tokenizer, cfg.vocab_size, log)
+        splits = source.train_and_val(cfg.val_fraction)
+        make = lambda out: prepare_stream(source, *splits, out, cfg.tokenizer, cfg.vocab_size,
+                                          log)
     else:
         files = recipes.source_files(spec)
-        make = lambda out: prepare(files, out, cfg.tokenizer, cfg.vocab_size,
+        make = lambda out: prepare(files, out, presets.data_tokenizer(cfg), cfg.vocab_size,
                                    cfg.val_fraction, log=log)
     parent = os.path.dirname(run_dir)
     created = _first_missing(parent)  # removed again if preparing fails
@@ -94,8 +96,7 @@ def _load_data(cfg: Config, run_dir: str, log) -> str:
 
 
 def tfds_source(cfg: Config) -> TfdsText:
-    return TfdsText(cfg.data, cfg.text_feature, cfg.tfds_data_dir, cfg.tfds_download,
-                    cfg.val_fraction)
+    return TfdsText(cfg.data, cfg.text_feature, cfg.tfds_data_dir, cfg.tfds_download)
 
 
 def load_splits(cfg: Config, data_dir: str, strategy):
@@ -110,13 +111,17 @@ def load_splits(cfg: Config, data_dir: str, strategy):
         return Split(data_dir, name, cfg.seq_len, shards)
     if is_tfds(cfg.data):
         tokenizer = load_tokenizer(os.path.join(data_dir, "tokenizer"))
-        return TextStream(tfds_source(cfg), tokenizer, cfg.seq_len), split("val")
+        source = tfds_source(cfg)
+        train_split = source.train_and_val(cfg.val_fraction)[0]
+        return TextStream(source, train_split, tokenizer, cfg.seq_len), split("val")
     return split("train"), split("val")
 
 
 def train(cfg: Config, callbacks=(), log=print) -> dict:
     """Run (or resume) training as configured; return the final metrics."""
     cfg = cfg.validate()
+    if cfg.init_from:  # the preset fixes the model's shape and tokenizer (tfdp/presets.py)
+        cfg = presets.resolve(cfg, presets.explicit_fields(cfg))[0].validate()
     strategy = build_strategy(cfg.strategy, cfg.num_cpu_replicas,
                               collective_timeout=cfg.collective_timeout,
                               slurm_port_base=cfg.slurm_port_base)
@@ -173,6 +178,9 @@ def _train_in(cfg: Config, strategy, model_dir: str, write_dir: str, callbacks, 
     train_split, val_split = load_splits(cfg, data_dir, strategy)
     manifest = load_manifest(data_dir)
     tokenizer = load_tokenizer(os.path.join(data_dir, "tokenizer"))
+    preset = presets.read_preset(cfg.init_from) if cfg.init_from else None
+    if preset is not None:
+        presets.check_data(preset, tokenizer, cfg.data)
 
     with strategy.scope():
         keras.utils.set_random_seed(cfg.seed)  # the same initial weights everywhere
@@ -188,6 +196,10 @@ def _train_in(cfg: Config, strategy, model_dir: str, write_dir: str, callbacks, 
     if resume:
         restore_newest_readable(checkpoint, os.path.join(model_dir, "checkpoints"), say)
     check_same_step(strategy, optimizer.iterations)
+    if preset is not None and int(optimizer.iterations.numpy()) == 0:
+        # --init_from: a run with nothing trained yet starts from the preset's
+        # weights; one that resumed keeps its checkpoint's.
+        presets.load_weights(model, preset, cfg.seq_len, say)
     if isinstance(train_split, TextStream) and int(optimizer.iterations.numpy()):
         say("note: a streamed corpus resumes in a fresh order seeded by the step, not where "
             "the interrupted run was (tfdp/stream.py)")

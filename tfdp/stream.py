@@ -42,16 +42,17 @@ def stream_windows(tokens: tf.data.Dataset, seq_len: int) -> tf.data.Dataset:
 
 
 class TextStream:
-    """Training windows streamed from `source` (a data.tfds_text.TfdsText)
-    through `tokenizer`; `dataset_fn` is what the training loop asks for."""
+    """Training windows streamed from `split` of `source` (a
+    data.tfds_text.TfdsText) through `tokenizer`; `dataset_fn` is what the
+    training loop asks for."""
 
     shards = None  # not made of token shard files (see tfdp.run)
 
-    def __init__(self, source, tokenizer, seq_len: int, shuffle_windows: int = SHUFFLE_WINDOWS):
-        self.source, self.tokenizer, self.seq_len = source, tokenizer, seq_len
+    def __init__(self, source, split: str, tokenizer, seq_len: int,
+                 shuffle_windows: int = SHUFFLE_WINDOWS):
+        self.source, self.split, self.tokenizer, self.seq_len = source, split, tokenizer, seq_len
         self.shuffle_windows = shuffle_windows
-        self.split = source.train_split
-        self.name = f"{source.spec} ({self.split}, streamed)"
+        self.name = f"{source.spec} ({split}, streamed)"
 
     def _tokenize(self, text):
         """One document -> its ids and EOT. The tokenizers are NumPy/eager

@@ -100,6 +100,10 @@ class Config:
     all_reduce_dtype: str = "float32"  # bfloat16 halves the bytes (benchmarks/weak_scaling.py)
     slurm_port_base: int = 8888
     model_dir: str = dataclasses.field(default_factory=default_model_dir)
+    # A keras-hub GPT-2 preset directory whose weights start a fresh run; it
+    # fixes the model's shape and tokenizer (tfdp/presets.py). Not a resume
+    # field: a resumed run continues from its checkpoint, not the preset.
+    init_from: str | None = None
 
     def validate(self) -> "Config":
         """Raise UserError for the first bad value; return self when all are fine."""

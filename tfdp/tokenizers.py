@@ -230,6 +230,32 @@ def train_tokenizer(kind: str, docs: list[bytes], vocab_size: int | None = None)
     return _sentencepiece(proto)
 
 
+def load_preset_bpe(preset_dir: str) -> KerasHubTokenizer:
+    """tfdp's `bpe` tokenizer from the GPT2Tokenizer of a keras-hub preset
+    directory (its assets/tokenizer/vocabulary.json and merges.txt), so
+    that `tfdp-train --init_from` tokenizes text with the preset's own
+    vocabulary and merges, and tfdp-generate/eval read the run back as any
+    bpe run. EOT is GPT-2's `<|endoftext|>`. Called eagerly it gives the
+    GPT2Tokenizer's ids, except for the literal text `<|endoftext|>`, which
+    GPT2Tokenizer reads as that one token and tfdp spells out in bytes.
+    """
+    assets = os.path.join(preset_dir, "assets", "tokenizer")
+    try:
+        with open(os.path.join(assets, "vocabulary.json"), encoding="utf-8") as f:
+            vocab = json.load(f)
+        with open(os.path.join(assets, "merges.txt"), encoding="utf-8") as f:
+            # keras-hub reads merges line by line, right-stripped; GPT-2's own
+            # file starts with a "#version: 0.2" header, which is no merge.
+            merges = [m.rstrip() for m in f if m.strip() and not m.startswith("#version:")]
+    except (OSError, ValueError) as err:
+        raise UserError(f"{preset_dir} has no readable GPT-2 tokenizer assets in {assets} "
+                        f"({err}); give a preset saved by keras-hub or tfdp-export") from None
+    if not isinstance(vocab, dict) or _BPE_EOT not in vocab:
+        raise UserError(f"{assets}/vocabulary.json has no {_BPE_EOT!r} token, which a GPT-2 "
+                        "tokenizer needs; give a preset saved by keras-hub or tfdp-export")
+    return _bpe(vocab, merges)
+
+
 def _write_meta(directory: str, kind: str, vocab_size: int, **extra) -> None:
     with open(os.path.join(directory, _META), "w") as f:
         json.dump({"kind": kind, "vocab_size": vocab_size, **extra}, f)

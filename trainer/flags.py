@@ -132,7 +132,22 @@ def define_train_flags() -> None:
     flags.DEFINE_string("model_dir", _D.model_dir,
                         "Directory for checkpoints, TensorBoard logs, metrics and samples; "
                         "an existing run there is resumed.")
+    flags.DEFINE_string("init_from", _D.init_from,
+                        "A keras-hub GPT-2 preset directory (keras-hub's save_to_preset, "
+                        "tfdp-export --format=preset) whose weights start a fresh run; its "
+                        "config fixes --num_layers, --num_heads, --hidden_dim, "
+                        "--intermediate_dim and the vocabulary, its tokenizer tokenizes the "
+                        "text, and --seq_len may not exceed its context. A resumed run "
+                        "continues from its own checkpoint.")
 
 
 def config_from_flags() -> Config:
-    return Config(**{f.name: FLAGS[f.name].value for f in dataclasses.fields(Config)})
+    cfg = Config(**{f.name: FLAGS[f.name].value for f in dataclasses.fields(Config)})
+    if cfg.init_from:
+        # The preset fixes the model's shape and tokenizer: fill those fields
+        # from it, refusing a flag the user gave that disagrees (tfdp/presets.py).
+        from tfdp.presets import resolve  # imports keras-hub: only when needed
+
+        given = {f.name for f in dataclasses.fields(Config) if FLAGS[f.name].present}
+        cfg = resolve(cfg, given)[0]
+    return cfg

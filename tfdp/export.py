@@ -12,7 +12,8 @@ preset       a keras-hub preset directory (keras-hub's own `save_to_preset`):
              `GPT2Backbone.from_preset(DIR)` load it. A `bpe` run's
              tokenizer becomes a `GPT2Tokenizer` with a
              `GPT2CausalLMPreprocessor` (sequence length = --seq_len), so
-             `generate("text")` works; the other tokenizers are not GPT-2's,
+             `generate("text")` works (float32, whatever the run's
+             --mixed_precision); the other tokenizers are not GPT-2's,
              so the preset has no preprocessor (from_preset then gives
              `preprocessor=None`: feed token ids). tfdp's own tokenizer is
              kept in `output/tfdp_tokenizer` in every case, which is what
@@ -166,9 +167,24 @@ def gpt2_tokenizer(vocabulary: dict, merges: list[str]):
 def _preset(model, tokenizer, tokenizer_dir: str, cfg, path: str) -> str:
     """Write a keras-hub preset with keras-hub's own `save_to_preset` on a
     GPT2CausalLM (backbone, task and, for BPE, preprocessor and tokenizer),
-    then load it back with `GPT2CausalLM.from_preset` and compare logits."""
+    then load it back with `GPT2CausalLM.from_preset` and compare logits.
+
+    The preset is always float32: keras-hub 0.32 saves a bf16/fp16 run's
+    `mixed_bfloat16` policy but its from_preset rejects it ("Invalid dtype:
+    mixed_bfloat16"); the weights are float32 anyway, and a user may pass
+    `dtype=` to from_preset.
+    """
+    import dataclasses
+
     import keras_hub
 
+    from tfdp.model import build_model
+
+    if cfg.mixed_precision != "off":
+        plain = build_model(dataclasses.replace(cfg, mixed_precision="off"),
+                            int(model.backbone.vocabulary_size))
+        plain.set_weights(model.get_weights())
+        model = plain
     preprocessor = None
     if tokenizer.kind == "bpe":
         with open(os.path.join(tokenizer_dir, "vocabulary.json"), encoding="utf-8") as f:

@@ -129,8 +129,10 @@ def test_shape_flags_and_bad_presets_are_refused(gpt2_preset, corpus, tmp_path):
                                         r"max_sequence_length=64"):
         resolve(replace(base, seq_len=65), {"seq_len"})
     with pytest.raises(UserError, match="--vocab_size=400 disagrees .* tokenizer has "
-                                        "vocab_size=300"):
+                                        "300 ids; omit --vocab_size"):
         resolve(replace(base, vocab_size=400), {"vocab_size"})
+    with pytest.raises(UserError, match="--tokenizer=char disagrees .* tokenizer is bpe"):
+        resolve(replace(base, tokenizer="char"), {"tokenizer"})
     # Not a preset: a file, an empty directory, another model's config.
     (tmp_path / "file").write_text("x")
     for path, message in ((tmp_path / "file", "is not a directory"),

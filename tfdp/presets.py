@@ -145,10 +145,11 @@ def resolve(cfg: Config, explicit) -> tuple[Config, Preset]:
         values["vocab_size"] = preset.vocabulary_size
     for field, value in values.items():
         if field in explicit and getattr(cfg, field) != value:
-            what = ("the preset's tokenizer has" if field in ("tokenizer", "vocab_size")
-                    else "the preset has")
+            what = {"tokenizer": f"the preset's tokenizer is {value}",
+                    "vocab_size": f"the preset's tokenizer has {value} ids"}.get(
+                        field, f"the preset has {field}={value}")
             raise UserError(f"--{field}={getattr(cfg, field)} disagrees with {where}: "
-                            f"{what} {field}={value}; omit --{field} (the preset fixes it)")
+                            f"{what}; omit --{field} (the preset fixes it)")
     max_len = int(preset.backbone["max_sequence_length"])
     if cfg.seq_len > max_len:
         if "seq_len" in explicit:

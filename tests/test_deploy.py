@@ -64,6 +64,21 @@ def test_every_manifest_parses():
         assert _docs(path), path
 
 
+def test_kubernetes_objects_match_the_api_schema():
+    """Strict validation (unknown fields are errors) against Kubernetes'
+    published schemas; the TFJob's pod template is checked as a Pod, its
+    custom resource having no schema here."""
+    validate = pytest.importorskip("kubernetes_validate")
+    version = validate.latest_version()
+    objects = [d for f in ("pvc.yaml", "indexed-job.yaml") for d in _docs(DEPLOY / "k8s" / f)]
+    _, pod = _pod_spec_tfjob()
+    objects.append({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "tfjob-worker"},
+                    "spec": pod})
+    assert len(objects) == 5
+    for obj in objects:
+        validate.validate(obj, version, strict=True)  # raises ValidationError
+
+
 def _pod_spec_tfjob():
     job = _kind(DEPLOY / "k8s" / "tfjob.yaml", "TFJob")
     return job, job["spec"]["tfReplicaSpecs"]["Worker"]["template"]["spec"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import types
 
 import tensorflow as tf
@@ -40,3 +41,43 @@ def test_device_memory_is_the_largest_peak_over_this_process_gpus(monkeypatch):
     memory = peak_device_memory_gib(fake)
     assert memory == {"peak_device_memory_gib": 3.0}
     assert "| mem 1.50 GiB (GPU 3.00 GiB) |" in _line({**LOGS, **memory})
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_live_bar_redraws_in_place_and_prints_messages_above_it(monkeypatch):
+    """On a terminal: the status line is redrawn after a carriage return,
+    cleared before every message, validation or `every`-step line, and
+    drawn again after it; at the end it is cleared, leaving the lines."""
+    monkeypatch.setattr(ProgressLogger, "REDRAW_SECONDS", 0.0)
+    screen, lines = _Terminal(), []
+    progress = ProgressLogger(total_steps=4, every=2, print_fn=lines.append, live=screen)
+    progress.on_train_batch_end(0, LOGS)
+    assert screen.getvalue() == "\r" + progress.status()
+    assert progress.status() == ("[#####---------------] 1/4 | loss 2.5000 | val - | "
+                                 "12,000 tok/s | mfu 40.0% | eta 1m15s")
+    progress.say("a message")
+    assert lines == ["a message"]
+    drawn = "\r" + progress.status()
+    assert screen.getvalue() == drawn + "\r" + " " * (len(drawn) - 1) + "\r" + drawn
+    progress.on_train_batch_end(1, LOGS)  # an `every` step: a plain line too
+    assert lines[-1].startswith("step 2/4 | loss 2.5000")
+    progress.on_epoch_end(0, {"val_loss": 2.25, "val_perplexity": 9.49, "val_bits_per_byte": 3.2})
+    assert lines[-1].startswith("validation at step 2 | loss 2.2500")
+    assert "| val 2.2500 |" in progress.status()
+    progress.on_train_end()
+    assert screen.getvalue().endswith(" \r")  # the bar is gone, the cursor at column 0
+
+
+def test_plain_output_has_no_control_characters():
+    """Not a terminal: lines every `every` steps, no carriage returns."""
+    lines = []
+    progress = ProgressLogger(total_steps=4, every=2, print_fn=lines.append)
+    for step in range(4):
+        progress.on_train_batch_end(step, LOGS)
+    progress.say("note")
+    assert [line.split(" |")[0] for line in lines] == ["step 2/4", "step 4/4", "note"]
+    assert not any("\r" in line for line in lines)

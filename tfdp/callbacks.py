@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
+import time
 
 import keras
 import tensorflow as tf
@@ -25,36 +27,87 @@ def _duration(seconds: float) -> str:
 
 
 class ProgressLogger(keras.callbacks.Callback):
-    """Prints `step N/T | loss | lr | tok/s (per replica) | ms/step | mfu |
-    mem (peak resident) | eta` every `every` steps."""
+    """Console progress on the chief.
 
-    def __init__(self, total_steps: int, every: int, print_fn=print):
+    Plain (a log file, CI, a pipe): `step N/T | loss | lr | tok/s (per
+    replica) | ms/step | mfu | mem (peak resident) | eta` every `every`
+    steps and at the last, and a line per validation.
+
+    Live (`live` is a terminal stream): one status line redrawn in place at
+    most ten times a second — a bar, step/total, loss, the last val loss,
+    tok/s, MFU, ETA — with validations, the `every`-step lines and other
+    messages (`say`) printed above it, so the scrollback keeps the history.
+    """
+
+    REDRAW_SECONDS = 0.1
+
+    def __init__(self, total_steps: int, every: int, print_fn=print, live=None):
         super().__init__()
         self.total_steps, self.every, self.print_fn = total_steps, every, print_fn
-        self.step = 0
+        self.live = live
+        self.step, self.val_loss, self.logs = 0, None, {}
+        self._drawn, self._last_draw = "", 0.0
+
+    def say(self, *parts) -> None:
+        """Print a message line (above the live status line, if any)."""
+        self._clear()
+        self.print_fn(" ".join(str(p) for p in parts))
+        self._draw()
 
     def on_train_batch_end(self, batch, logs=None):
-        self.step = batch + 1
-        logs = logs or {}
-        if self.step % self.every and self.step != self.total_steps:
-            return
-        self.print_fn(
-            f"step {self.step}/{self.total_steps} | loss {logs['loss']:.4f} | "
-            f"lr {logs['learning_rate']:.2e} | {logs['tokens_per_second']:,.0f} tok/s "
-            f"({logs['tokens_per_second_per_replica']:,.0f}/replica) | "
-            f"{1000 * logs['step_time']:.0f} ms/step | "
-            f"mfu {100 * logs['mfu']:.2f}% | mem {logs['peak_host_memory_gib']:.2f} GiB"
-            + (f" (GPU {logs['peak_device_memory_gib']:.2f} GiB)"
-               if "peak_device_memory_gib" in logs else "") + " | "
-            f"eta {_duration(logs['eta_seconds'])}")
+        self.step, self.logs = batch + 1, logs or {}
+        if self.step % self.every == 0 or self.step == self.total_steps:
+            self.say(self._line(self.logs))
+        elif self.live is not None and \
+                time.monotonic() - self._last_draw >= self.REDRAW_SECONDS:
+            self._draw()
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
         if "val_loss" in logs:
-            self.print_fn(
-                f"validation at step {self.step} | loss {logs['val_loss']:.4f} | "
-                f"perplexity {logs['val_perplexity']:.3f} | "
-                f"bits/byte {logs['val_bits_per_byte']:.4f}")
+            self.val_loss = logs["val_loss"]
+            self.say(f"validation at step {self.step} | loss {logs['val_loss']:.4f} | "
+                     f"perplexity {logs['val_perplexity']:.3f} | "
+                     f"bits/byte {logs['val_bits_per_byte']:.4f}")
+
+    def on_train_end(self, logs=None):
+        self._clear()  # the last step's plain line is already above
+        self.live = None  # what is printed after training needs no bar
+
+    def _line(self, logs: dict) -> str:
+        return (f"step {self.step}/{self.total_steps} | loss {logs['loss']:.4f} | "
+                f"lr {logs['learning_rate']:.2e} | {logs['tokens_per_second']:,.0f} tok/s "
+                f"({logs['tokens_per_second_per_replica']:,.0f}/replica) | "
+                f"{1000 * logs['step_time']:.0f} ms/step | "
+                f"mfu {100 * logs['mfu']:.2f}% | mem {logs['peak_host_memory_gib']:.2f} GiB"
+                + (f" (GPU {logs['peak_device_memory_gib']:.2f} GiB)"
+                   if "peak_device_memory_gib" in logs else "") + " | "
+                f"eta {_duration(logs['eta_seconds'])}")
+
+    def status(self) -> str:
+        """The live line: ASCII only, so any terminal encoding takes it."""
+        logs, width = self.logs, 20
+        done = int(width * self.step / max(self.total_steps, 1))
+        val = f"{self.val_loss:.4f}" if self.val_loss is not None else "-"
+        return (f"[{'#' * done}{'-' * (width - done)}] {self.step}/{self.total_steps} | "
+                f"loss {logs['loss']:.4f} | val {val} | "
+                f"{logs['tokens_per_second']:,.0f} tok/s | mfu {100 * logs['mfu']:.1f}% | "
+                f"eta {_duration(logs['eta_seconds'])}")
+
+    def _draw(self) -> None:
+        if self.live is None or not self.logs:
+            return
+        columns = shutil.get_terminal_size((100, 24)).columns
+        self._drawn = self.status()[:max(columns - 1, 10)]
+        self.live.write("\r" + self._drawn)
+        self.live.flush()
+        self._last_draw = time.monotonic()
+
+    def _clear(self) -> None:
+        if self.live is not None and self._drawn:
+            self.live.write("\r" + " " * len(self._drawn) + "\r")
+            self.live.flush()
+            self._drawn = ""
 
 
 class ScalarSummaries(keras.callbacks.Callback):

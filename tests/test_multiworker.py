@@ -166,9 +166,9 @@ def test_tfdp_launch_end_to_end(tmp_path, text_file):
     assert "[worker 0] step 6/6" in proc.stdout
     assert not re.search(r"^\[worker 1\]", proc.stdout, re.M), proc.stdout
     # Exactly one set of outputs, in model_dir, from the chief.
-    assert sorted(os.listdir(model_dir)) == ["checkpoints", "config.json", "data",
-                                             "metrics.json", "sample.txt", "tensorboard",
-                                             "tokenizer"]
+    assert sorted(os.listdir(model_dir)) == ["checkpoints", "config.json", "data", "loss.png",
+                                             "metrics.json", "report.html", "sample.txt",
+                                             "tensorboard", "tokenizer", "training.png"]
     metrics = json.loads((model_dir / "metrics.json").read_text())
     assert metrics["step"] == 6 and metrics["num_replicas"] == 2
     assert len(list((model_dir / "tensorboard" / "train").iterdir())) == 1

@@ -22,7 +22,8 @@ from tfdp.prepare import is_prepared
 # removes in this order, so a crash half-way leaves a directory that is still
 # recognisably a tfdp run.
 RUN_ENTRIES = ("checkpoints", "tensorboard", "metrics.json", "sample.txt", "data",
-               "tokenizer", "config.json")
+               "tokenizer", "config.json",
+               "report.html", "loss.png", "training.png")  # tfdp/report.py
 TRASH_PREFIX = ".tfdp-discarded-"  # what discard() moves entries into, inside model_dir
 
 

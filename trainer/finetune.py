@@ -1,0 +1,58 @@
+"""tfdp-finetune: a pretrained tfdp GPT fine-tuned as a text classifier,
+data-parallel like training."""
+
+from absl import flags
+
+from trainer import cli
+from trainer.flags import FLAGS, define_strategy_flags
+
+flags.DEFINE_string("model_dir", None, "A directory written by tfdp-train (its latest "
+                    "checkpoint is the starting point).", required=True)
+flags.DEFINE_string("task", "classification", "What to fine-tune for: classification.")
+flags.DEFINE_string("train", None, "Training examples: a CSV file with a header row, or "
+                    "tfds:NAME[/CONFIG][:SPLIT] (split default: train).", required=True)
+flags.DEFINE_string("eval", None, "Held-out examples, as --train (TFDS split default: test); "
+                    "accuracy is reported on them.", required=True)
+flags.DEFINE_string("output_dir", None, "New (or empty) directory for the fine-tuned "
+                    "weights, config.json, labels.json and metrics.json.", required=True)
+flags.DEFINE_string("text_column", "text", "CSV column or TFDS feature holding the text.")
+flags.DEFINE_string("label_column", "label", "CSV column or TFDS feature holding the label: "
+                    "integers 0..K-1, or class names (ids in sorted order).")
+flags.DEFINE_enum("pooling", "last", ["last", "mean"], "What the head reads: the last real "
+                  "token's hidden state (the EOT after the text) or the mean over real tokens.")
+flags.DEFINE_integer("seq_len", 0, "Tokens per example (texts keep their first tokens); "
+                     "0: the longest example, at most the model's seq_len.")
+flags.DEFINE_integer("global_batch_size", 32, "Examples per step over ALL replicas; must "
+                     "divide by the replica count.")
+flags.DEFINE_float("epochs", 3.0, "Passes over the training examples.")
+flags.DEFINE_integer("train_steps", 0, "Optimizer steps; > 0 overrides --epochs.")
+flags.DEFINE_float("learning_rate", 1e-3, "Peak AdamW learning rate (warmup, then cosine to 0).")
+flags.DEFINE_float("warmup_fraction", 0.1, "Fraction of the steps spent warming up.")
+flags.DEFINE_float("weight_decay", 0.01, "AdamW decoupled weight decay (matrices only).")
+flags.DEFINE_float("clip_norm", 1.0, "Clip the averaged gradient to this global norm; 0: off.")
+flags.DEFINE_integer("eval_every", 0, "Also evaluate every this many steps; 0: at the end only.")
+flags.DEFINE_integer("seed", 1234, "Seed for the head's initial weights and the data order.")
+flags.DEFINE_bool("jit_compile", None, "Compile each replica's forward/backward with XLA "
+                  "(default: on).")
+flags.DEFINE_string("tfds_data_dir", None, "TFDS data_dir for tfds: sources "
+                    "(default: TFDS's own, ~/tensorflow_datasets).")
+flags.DEFINE_bool("tfds_download", False, "Let TFDS download and prepare a missing dataset.")
+define_strategy_flags()
+
+
+def main() -> None:
+    from tfdp.finetune import FinetuneConfig, finetune
+
+    finetune(FinetuneConfig(**{name: FLAGS[name].value for name in (
+        "model_dir", "train", "eval", "output_dir", "task", "text_column", "label_column",
+        "pooling", "seq_len", "global_batch_size", "epochs", "train_steps", "learning_rate",
+        "warmup_fraction", "weight_decay", "clip_norm", "eval_every", "seed", "strategy",
+        "num_cpu_replicas", "jit_compile", "tfds_data_dir", "tfds_download")}))
+
+
+def run() -> None:
+    cli.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -22,7 +22,8 @@ from tfdp.errors import UserError
 from tfdp.evaluate import evaluate
 from tfdp.run import train
 from tfdp.stream import TextStream, stream_windows
-from tfdp.tokenizers import ByteTokenizer
+from tfdp.prepare import prepare_stream
+from tfdp.tokenizers import ByteTokenizer, train_tokenizer
 from test_training import TINY
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
@@ -191,3 +192,15 @@ def test_nothing_downloads_unless_asked(tmp_path):
     assert result.returncode == 2, result.stderr
     assert "pass --tfds_download" in result.stderr
     assert not (tmp_path / "run").exists() and not (tmp_path / "empty").exists()
+
+
+def test_a_given_tokenizer_is_kept(toy_dir, tmp_path):
+    """--init_from a preset with a tokenizer: the stream's validation text is
+    tokenized with that tokenizer, none is trained."""
+    tokenizer = train_tokenizer("char", [b"alpha beta doc 0123456789:"], 32)
+    source = _toy(toy_dir)
+    manifest = prepare_stream(source, "train", "test", str(tmp_path / "prep"), tokenizer)
+    assert (manifest["tokenizer"], manifest["vocab_size"]) == ("char", tokenizer.vocab_size)
+    val = np.load(tmp_path / "prep" / "val-00000.npy")
+    first = tokenizer.encode([next(source.text_dataset("test").as_numpy_iterator())])[0]
+    np.testing.assert_array_equal(val[:len(first)], first)

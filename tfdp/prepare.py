@@ -134,22 +134,24 @@ TOKENIZER_SAMPLE_BYTES = 32 << 20  # text a streamed corpus' tokenizer is traine
 
 
 def prepare_stream(source, train_split: str, val_split: str, output: str,
-                   tokenizer: str = "byte", vocab_size: int | None = None, log=print) -> dict:
+                   tokenizer="byte", vocab_size: int | None = None, log=print) -> dict:
     """For a streamed corpus (`train_split` and `val_split` of a
-    data.tfds_text.TfdsText): train the tokenizer on the first
+    data.tfds_text.TfdsText): train the tokenizer (a kind, as for
+    `prepare`; or take one already trained) on the first
     TOKENIZER_SAMPLE_BYTES of the training split and write it into `output`
     with the validation split's tokens (at most MAX_VAL_BYTES of text).
     Training text is not written: tfdp/stream.py tokenizes it as it reads."""
     output = check_output(output)
     sample: list[bytes] = []
-    if tokenizer != "byte":  # the byte tokenizer learns nothing
+    if isinstance(tokenizer, str) and tokenizer != "byte":  # byte learns nothing
         sample, whole = source.documents(train_split, TOKENIZER_SAMPLE_BYTES)
         if not sample:
             raise UserError(f"--data={source.spec}: split {train_split!r} holds no text "
                             f"in --text_feature={source.feature!r}; pick the text feature")
         log(f"training the {tokenizer} tokenizer on {'all' if whole else 'the first'} "
             f"{sum(map(len, sample)):,} bytes of {source.spec} ({train_split})")
-    tok = train_tokenizer(tokenizer, sample, vocab_size)
+    tok = (train_tokenizer(tokenizer, sample, vocab_size) if isinstance(tokenizer, str)
+           else tokenizer)
     val_docs, whole = source.documents(val_split, MAX_VAL_BYTES)
     log(f"validation: {'all' if whole else 'the first'} {sum(map(len, val_docs)):,} bytes of "
         f"split {val_split!r} of {source.spec}, tokenized with the {tok.kind} tokenizer")

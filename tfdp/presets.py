@@ -135,10 +135,6 @@ def resolve(cfg: Config, explicit) -> tuple[Config, Preset]:
     where = f"--init_from={preset.path}"
     values = {field: int(preset.backbone[key]) for field, key in SHAPE_FIELDS.items()}
     if preset.tokenizer_kind is not None:
-        if cfg.data.startswith("tfds:"):
-            raise UserError(f"{where} brings its own tokenizer, and a streamed --data=tfds:... "
-                            "corpus trains one; prepare the text first (tfdp-prepare) or use "
-                            "text files")
         values.update(tokenizer=preset.tokenizer_kind, vocab_size=preset.tokenizer_size)
     elif cfg.tokenizer != "byte" and "vocab_size" not in explicit:
         # A tokenizer trained on the data fills the preset's embedding rows.

@@ -71,8 +71,8 @@ def _load_data(cfg: Config, run_dir: str, log) -> str:
     if is_tfds(cfg.data):
         source = tfds_source(cfg)
         splits = source.train_and_val(cfg.val_fraction)
-        make = lambda out: prepare_stream(source, *splits, out, cfg.tokenizer, cfg.vocab_size,
-                                          log)
+        make = lambda out: prepare_stream(source, *splits, out, presets.data_tokenizer(cfg),
+                                          cfg.vocab_size, log)
     else:
         files = recipes.source_files(spec)
         make = lambda out: prepare(files, out, presets.data_tokenizer(cfg), cfg.vocab_size,

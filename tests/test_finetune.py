@@ -17,7 +17,6 @@ import random
 
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from conftest import run_cli
 from tfdp import classdata
@@ -138,7 +137,7 @@ def test_two_replicas_update_as_one(pretrained, mirrored, one_device):
     of 1 replica of 8."""
     cfg, tokenizer, run = load_run(pretrained)
     rows = sentences(TRAIN_TEMPLATES, 8, 5)
-    ids, mask = classdata.pack(classdata.encode(tokenizer, [t.encode() for t, _ in rows]), 12,
+    ids, mask = classdata.pack(tokenizer.encode([t.encode() for t, _ in rows]), 12,
                                tokenizer.eot_id)
     data = (ids, mask, np.array([y for _, y in rows], np.int32))
     weights = []
@@ -149,7 +148,7 @@ def test_two_replicas_update_as_one(pretrained, mirrored, one_device):
             optimizer = build_optimizer(Config(learning_rate=1e-2, warmup_steps=0,
                                                train_steps=1), model.trainable_variables)
         train_step, _ = make_steps(strategy, model, optimizer, 8, 1.0, jit_compile=False)
-        dataset, _ = distribute(strategy, data, np.arange(8), 8)
+        dataset = distribute(strategy, data, np.arange(8), 8)
         train_step(iter(dataset))
         weights.append([v.numpy() for v in model.trainable_variables])
     for one, two in zip(*weights):

@@ -177,14 +177,10 @@ def resolve_labels(train: Examples, evaluation: Examples) -> tuple[list[str], np
     return classes, ids[0], ids[1]
 
 
-def encode(tokenizer, texts: list[bytes]) -> list[np.ndarray]:
-    """Token ids of each text, without EOT (see `pack`)."""
-    return tokenizer.encode(texts)
-
-
 def pack(ids: list[np.ndarray], seq_len: int, eot_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """(token_ids, padding_mask) [n, seq_len]: the first seq_len - 1 tokens of
-    each text, then EOT, then padding (id 0, mask 0)."""
+    """(token_ids, padding_mask) [n, seq_len] from each text's ids (as
+    tokenizer.encode gives them, without EOT): the first seq_len - 1 of
+    them, then EOT, then padding (id 0, mask 0)."""
     tokens = np.zeros([len(ids), seq_len], np.int32)
     mask = np.zeros([len(ids), seq_len], np.int32)
     for i, row in enumerate(ids):

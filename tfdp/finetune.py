@@ -205,12 +205,12 @@ def distribute(strategy, arrays: tuple, order: np.ndarray, global_batch_size: in
                 .map(lambda q: (*(tf.gather(t, tf.gather(padded, q)) for t in tensors),
                                 tf.gather(weights, q)))
                 .prefetch(tf.data.AUTOTUNE))
-    return strategy.distribute_datasets_from_function(dataset_fn), steps
+    return strategy.distribute_datasets_from_function(dataset_fn)
 
 
 def evaluate(strategy, eval_step, arrays, global_batch_size: int) -> dict:
     """Loss and accuracy over every eval example, each counted once."""
-    dataset, _ = distribute(strategy, arrays, np.arange(len(arrays[0])), global_batch_size)
+    dataset = distribute(strategy, arrays, np.arange(len(arrays[0])), global_batch_size)
     total = np.zeros(3)
     for batch in dataset:
         total += eval_step(batch).numpy()
@@ -241,8 +241,8 @@ def finetune(fc: FinetuneConfig, log=print) -> dict:
     train_ex = classdata.read_examples(fc.train, default_split="train", **read)
     eval_ex = classdata.read_examples(fc.eval, default_split="test", **read)
     classes, train_labels, eval_labels = classdata.resolve_labels(train_ex, eval_ex)
-    train_ids = classdata.encode(tokenizer, train_ex.texts)
-    eval_ids = classdata.encode(tokenizer, eval_ex.texts)
+    train_ids = tokenizer.encode(train_ex.texts)
+    eval_ids = tokenizer.encode(eval_ex.texts)
     if fc.seq_len > cfg.seq_len:
         raise UserError(f"--seq_len={fc.seq_len} exceeds the model's seq_len={cfg.seq_len} "
                         "(its position embeddings end there); use at most that")
@@ -272,7 +272,7 @@ def finetune(fc: FinetuneConfig, log=print) -> dict:
     # worker computes the same one.
     rng = np.random.default_rng(fc.seed)
     order = np.concatenate([rng.permutation(n) for _ in range(math.ceil(steps * batch / n))])
-    dataset, _ = distribute(strategy, train_data, order[:steps * batch], batch)
+    dataset = distribute(strategy, train_data, order[:steps * batch], batch)
     iterator, history, losses, start = iter(dataset), [], [], time.time()
     for step in range(1, steps + 1):
         losses.append(float(train_step(iterator)))
@@ -322,7 +322,7 @@ def load_finetuned(output_dir: str):
 
 def predict(model: Classifier, tokenizer, texts: list[str], seq_len: int) -> np.ndarray:
     """Class ids of `texts`, packed as in training."""
-    ids, mask = classdata.pack(classdata.encode(tokenizer, [t.encode("utf-8") for t in texts]),
+    ids, mask = classdata.pack(tokenizer.encode([t.encode("utf-8") for t in texts]),
                                seq_len, tokenizer.eot_id)
     logits = model({"token_ids": ids, "padding_mask": mask}, training=False)
     return np.argmax(np.asarray(logits), axis=-1)

@@ -186,7 +186,7 @@ def test_reads_tfds_with_class_label_names(pretrained, tmp_path):
     assert metrics["eval_examples"] == 100  # the eval split defaults to test
     assert json.loads((out / "labels.json").read_text())["classes"] == ["pos", "neg"]
     assert metrics["eval_accuracy"] > 0.8, metrics["history"]
-    with pytest.raises(UserError, match="cannot load TFDS dataset 'no_such_set'"):
+    with pytest.raises(UserError, match="TFDS knows no dataset 'no_such_set'"):
         finetune(job(pretrained, "tfds:no_such_set", "tfds:no_such_set", tmp_path / "x",
                      tfds_data_dir=str(tmp_path / "tfds")), log=quiet)
     with pytest.raises(UserError, match="has no feature 'text'; its features are"):

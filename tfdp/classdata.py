@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import logging
 import os
 import re
 
@@ -97,15 +98,25 @@ def _read_tfds(spec: str, text_column: str, label_column: str, default_split: st
     if not name:
         raise UserError(f"{spec!r} names no dataset; write tfds:NAME[/CONFIG][:SPLIT], "
                         "e.g. tfds:imdb_reviews:train")
+    where = f"in --tfds_data_dir={data_dir}" if data_dir else "in TFDS's default data_dir"
+    # TFDS warns through absl (Python logging) while it looks for data; the
+    # outcome is reported below in one line.
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)
     try:
         dataset, info = tfds.load(name, split=split, data_dir=data_dir, download=download,
                                   with_info=True)
+    except tfds.core.DatasetNotFoundError:
+        raise UserError(f"{spec!r}: TFDS knows no dataset {name!r}, and none is prepared "
+                        f"{where}; check the name (tfds:NAME[/CONFIG][:SPLIT])") from None
     except Exception as err:  # noqa: BLE001  TFDS raises many kinds; all mean "not here"
-        where = f"in --tfds_data_dir={data_dir}" if data_dir else "in TFDS's default data_dir"
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"cannot load TFDS dataset {name!r} split {split!r} {where} "
                         f"({first}); prepare it there first, or pass --tfds_download"
                         ) from None
+    finally:
+        absl_logger.setLevel(level)
     features = info.features
     missing = [c for c in (text_column, label_column) if c not in features]
     if missing:

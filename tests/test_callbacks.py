@@ -7,7 +7,7 @@ import types
 
 import tensorflow as tf
 
-from tfdp.callbacks import ProgressLogger
+from tfdp.callbacks import ProgressLogger, TensorBoardSummaries
 from tfdp.loop import peak_device_memory_gib
 
 LOGS = {"loss": 2.5, "learning_rate": 1e-3, "tokens_per_second": 12000.0,
@@ -81,3 +81,42 @@ def test_plain_output_has_no_control_characters():
     progress.say("note")
     assert [line.split(" |")[0] for line in lines] == ["step 2/4", "step 4/4", "note"]
     assert not any("\r" in line for line in lines)
+
+
+def test_tensorboard_gets_scalars_config_samples_and_the_graph(tmp_path):
+    """What `tensorboard --logdir` shows: every step's scalars, the config
+    text at the start, the model graph once, a sample at each validation."""
+    from tensorboard.backend.event_processing import event_accumulator
+
+    graph = tf.function(lambda x: tf.matmul(x, x)).get_concrete_function(
+        tf.TensorSpec([2, 2], tf.float32)).graph
+    samples = iter(["first sample", "second sample"])
+    summaries = TensorBoardSummaries(str(tmp_path), config_json='{"seq_len": 128}',
+                                     sample_fn=lambda model: next(samples),
+                                     graph_fn=lambda: graph)
+    summaries.on_train_begin()
+    for step in range(4):
+        summaries.on_train_batch_end(step, {**LOGS, "loss": 3.0 - step})
+        if step % 2:
+            summaries.on_epoch_end(step // 2, {"val_loss": 2.0, "val_perplexity": 7.4})
+    summaries.on_train_end()
+
+    train = event_accumulator.EventAccumulator(str(tmp_path / "train"),
+                                               size_guidance={"tensors": 0})
+    train.Reload()
+    assert [(e.step, float(tf.make_ndarray(e.tensor_proto))) for e in train.Tensors("loss")] \
+        == [(1, 3.0), (2, 2.0), (3, 1.0), (4, 0.0)]
+    assert {"learning_rate", "mfu", "step_time", "tokens_per_second"} <= \
+        set(train.Tags()["tensors"])
+    (config,) = train.Tensors("config")
+    assert config.step == 0 and b'"seq_len": 128' in config.tensor_proto.string_val[0]
+    graph_run = event_accumulator.EventAccumulator(str(tmp_path / "graph"))
+    graph_run.Reload()
+    assert any(node.op == "MatMul" for node in graph_run.Graph().node)
+    val = event_accumulator.EventAccumulator(str(tmp_path / "val"),
+                                             size_guidance={"tensors": 0})
+    val.Reload()
+    assert [e.step for e in val.Tensors("loss")] == [2, 4]
+    assert [e.step for e in val.Tensors("perplexity")] == [2, 4]
+    texts = [(e.step, e.tensor_proto.string_val[0]) for e in val.Tensors("sample")]
+    assert texts == [(2, b"```\nfirst sample\n```"), (4, b"```\nsecond sample\n```")]

@@ -1,4 +1,4 @@
-"""tfdp's own Keras callbacks: console progress and TensorBoard scalars.
+"""tfdp's own Keras callbacks: console progress and TensorBoard summaries.
 
 The Trainer calls every callback (these and any the user passes) through
 `keras.callbacks.CallbackList` with the usual hooks. Its conventions:
@@ -110,22 +110,41 @@ class ProgressLogger(keras.callbacks.Callback):
             self._drawn = ""
 
 
-class ScalarSummaries(keras.callbacks.Callback):
-    """Writes every numeric log to TensorBoard under `logdir/train` and `logdir/val`,
-    indexed by training step.
+class TensorBoardSummaries(keras.callbacks.Callback):
+    """TensorBoard logs under `logdir/train` and `logdir/val`, by training step.
+
+    Scalars: every numeric log of every step (train: loss, learning_rate,
+    grad_norm, tokens_per_second, mfu, step_time, ...) and of every
+    validation (val: loss, perplexity, bits_per_byte). Text: the resolved
+    config at the first step of each (re)start, and `sample_fn(model)`'s
+    generated sample at each validation. Graph: `graph_fn()`'s, once, on a
+    run's first start, under `logdir/graph`.
 
     A run resumed at `start_step` first drops what an interrupted run logged
     after the checkpoint it resumes from: those steps are trained again, and
     TensorBoard would otherwise show them twice.
     """
 
-    def __init__(self, logdir: str, start_step: int = 0):
+    def __init__(self, logdir: str, start_step: int = 0, config_json: str | None = None,
+                 sample_fn=None, graph_fn=None):
         super().__init__()
         for split in ("train", "val"):
             drop_events_after(os.path.join(logdir, split), start_step)
         self.train_writer = tf.summary.create_file_writer(os.path.join(logdir, "train"))
         self.val_writer = tf.summary.create_file_writer(os.path.join(logdir, "val"))
-        self.step = 0
+        self.logdir, self.step, self.start_step = logdir, start_step, start_step
+        self.config_json, self.sample_fn, self.graph_fn = config_json, sample_fn, graph_fn
+
+    def on_train_begin(self, logs=None):
+        with self.train_writer.as_default(step=self.start_step):
+            if self.config_json is not None:  # Markdown: a code block keeps the layout
+                tf.summary.text("config", "```\n" + self.config_json + "\n```")
+        self.train_writer.flush()
+        if self.graph_fn is not None and self.start_step == 0:
+            # A run of its own (logdir/graph): the GraphDef is large, and the
+            # train events file stays small enough to rewrite on resume.
+            with tf.summary.create_file_writer(os.path.join(self.logdir, "graph")).as_default():
+                tf.summary.graph(self.graph_fn())
 
     def on_train_batch_end(self, batch, logs=None):
         self.step = batch + 1
@@ -138,6 +157,8 @@ class ScalarSummaries(keras.callbacks.Callback):
             for name, value in (logs or {}).items():
                 if name.startswith("val_"):
                     tf.summary.scalar(name[4:], value)
+            if self.sample_fn is not None:
+                tf.summary.text("sample", "```\n" + self.sample_fn(self.model) + "\n```")
         self.val_writer.flush()
         self.train_writer.flush()
 

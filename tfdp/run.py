@@ -29,7 +29,7 @@ import tensorflow as tf
 import data as recipes
 from data.tfds_text import TfdsText, is_tfds
 from tfdp import cluster, presets, watchdog
-from tfdp.callbacks import ProgressLogger, ScalarSummaries
+from tfdp.callbacks import ProgressLogger, TensorBoardSummaries
 from tfdp import rundir
 from tfdp.checkpoints import check_same_step, make_checkpoint, restore_newest_readable
 from tfdp.config import Config
@@ -39,7 +39,7 @@ from tfdp.flops import flops_per_token, machine_peak_flops
 from tfdp.generate import generate, held_out_prompt, make_sampler
 from tfdp.loop import Trainer, peak_device_memory_gib, peak_host_memory_gib
 from tfdp.loss_scale import DynamicLossScale
-from tfdp.model import build_model, count_params, non_embedding_params
+from tfdp.model import build_model, count_params, logits, non_embedding_params
 from tfdp.optimizer import build_optimizer
 from tfdp.prepare import is_prepared, load_manifest, prepare, prepare_stream
 from tfdp.report import write_report
@@ -233,10 +233,13 @@ def _train_in(cfg: Config, strategy, model_dir: str, write_dir: str, callbacks, 
     previous = read_json(os.path.join(model_dir, "metrics.json"))
     step = int(optimizer.iterations.numpy())
     history = [h for h in previous.get("history", []) if h.get("step", 0) <= step]
+    sampler = _Sampler(cfg, tokenizer, val_split) if cfg.sample_tokens and chief else None
     progress = ProgressLogger(cfg.train_steps, cfg.log_every, say, live)
     say = progress.say  # from here, messages print above the live progress bar
     own = [progress,
-           ScalarSummaries(os.path.join(model_dir, "tensorboard"), start_step=step),
+           TensorBoardSummaries(os.path.join(model_dir, "tensorboard"), start_step=step,
+                                config_json=cfg.to_json(), sample_fn=sampler,
+                                graph_fn=lambda: _forward_graph(cfg, tokenizer.vocab_size)),
            _HistoryWriter(os.path.join(model_dir, "metrics.json"), history)] if chief else []
     trainer = Trainer(cfg, strategy, model, optimizer, train_split, val_split, manager,
                       own + list(callbacks), flops_per_token=fpt, peak_flops=peak, log=say,
@@ -252,7 +255,7 @@ def _train_in(cfg: Config, strategy, model_dir: str, write_dir: str, callbacks, 
     else:
         logs = trainer.fit()
 
-    sample = _sample(cfg, model, tokenizer, val_split) if cfg.sample_tokens else ""
+    sample = sampler(model) if sampler else ""
     # A run that had nothing left to train keeps the throughput it measured.
     tps = getattr(trainer, "mean_tokens_per_second", previous.get("tokens_per_second", 0.0))
     metrics = {
@@ -294,6 +297,14 @@ def _describe(train) -> str:
     return f"{train.num_windows:,} train"
 
 
+def _forward_graph(cfg: Config, vocab_size: int):
+    """The model's forward pass as a graph, for TensorBoard's Graphs tab:
+    a plain (unmirrored) copy traced on one window."""
+    plain = build_model(cfg, vocab_size)
+    forward = tf.function(lambda ids: logits(plain, ids))
+    return forward.get_concrete_function(tf.TensorSpec([1, cfg.seq_len], tf.int32)).graph
+
+
 class _HistoryWriter(keras.callbacks.Callback):
     """Keeps metrics.json's validation history current at every evaluation,
     so the evaluations of a run that is interrupted survive its resume
@@ -312,23 +323,34 @@ class _HistoryWriter(keras.callbacks.Callback):
                                           indent=2))
 
 
-def _sample(cfg: Config, model, tokenizer, val_split: Split) -> str:
-    """The end-of-run sample: --sample_prompt continued, or (by default) a few
-    held-out validation lines continued; both parts are labelled."""
-    sampler = make_sampler("top_k", temperature=0.8, seed=cfg.seed,
-                           vocab_size=tokenizer.vocab_size)
-    if cfg.sample_prompt is not None:
-        prompt, origin, new_document = cfg.sample_prompt, "--sample_prompt", True
-    else:
-        prompt = held_out_prompt(val_split, tokenizer, cfg.seed, max_chars=cfg.seq_len // 2)
-        origin, new_document = "held-out validation text", False
-    # Sample from a plain copy of the weights, outside the strategy: traced
-    # under MirroredStrategy the cached-generation loop becomes a
-    # multi-device function that grappler took 90 s to optimise here.
-    plain = build_model(cfg, tokenizer.vocab_size)
-    plain.set_weights(model.get_weights())
-    text = generate(plain, tokenizer, prompt, cfg.sample_tokens, sampler, cfg.seq_len,
-                    new_document=new_document)
-    return (f"--- sample prompt ({origin}) ---\n{prompt.rstrip(chr(10))}\n"
-            f"--- generated continuation ({cfg.sample_tokens} tokens max, top-k 40, "
-            f"temperature 0.8) ---\n{text}\n")
+class _Sampler:
+    """The run's samples: --sample_prompt continued, or (by default) a few
+    held-out validation lines continued; both parts are labelled. Called at
+    every validation (TensorBoard text) and at the end (sample.txt)."""
+
+    def __init__(self, cfg: Config, tokenizer, val_split: Split):
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.sampler = make_sampler("top_k", temperature=0.8, seed=cfg.seed,
+                                    vocab_size=tokenizer.vocab_size)
+        if cfg.sample_prompt is not None:
+            self.prompt, self.origin, self.new_document = cfg.sample_prompt, "--sample_prompt", True
+        else:
+            self.prompt = held_out_prompt(val_split, tokenizer, cfg.seed,
+                                          max_chars=cfg.seq_len // 2)
+            self.origin, self.new_document = "held-out validation text", False
+        self.plain = None
+
+    def __call__(self, model) -> str:
+        # Sample from a plain copy of the weights, outside the strategy: traced
+        # under MirroredStrategy the cached-generation loop becomes a
+        # multi-device function that grappler took 90 s to optimise here. The
+        # copy is built once, so its generation function compiles once.
+        if self.plain is None:
+            self.plain = build_model(self.cfg, self.tokenizer.vocab_size)
+        self.plain.set_weights(model.get_weights())
+        cfg = self.cfg
+        text = generate(self.plain, self.tokenizer, self.prompt, cfg.sample_tokens, self.sampler,
+                        cfg.seq_len, new_document=self.new_document)
+        return (f"--- sample prompt ({self.origin}) ---\n{self.prompt.rstrip(chr(10))}\n"
+                f"--- generated continuation ({cfg.sample_tokens} tokens max, top-k 40, "
+                f"temperature 0.8) ---\n{text}\n")

@@ -39,6 +39,7 @@ setup(
             "tfdp-export=trainer.export:run",
             "tfdp-finetune=trainer.finetune:run",
             "tfdp-report=trainer.report:run",
+            "tfdp-plan=trainer.plan:run",
         ],
     },
 )

@@ -46,6 +46,15 @@ def define_strategy_flags() -> None:
                          "Replicas when training on CPU (the CPU is split into logical devices).")
 
 
+def define_model_flags() -> None:
+    """The model's shape and context (tfdp-train, tfdp-plan)."""
+    flags.DEFINE_integer("seq_len", _D.seq_len, "Tokens of context per training window.")
+    flags.DEFINE_integer("num_layers", _D.num_layers, "Transformer decoder layers.")
+    flags.DEFINE_integer("num_heads", _D.num_heads, "Attention heads per layer.")
+    flags.DEFINE_integer("hidden_dim", _D.hidden_dim, "Model width (embedding size).")
+    flags.DEFINE_integer("intermediate_dim", _D.intermediate_dim, "Feed-forward width.")
+
+
 def define_train_flags() -> None:
     """Every Config field as a flag, grouped as in Config."""
     define_data_flags()
@@ -55,11 +64,7 @@ def define_train_flags() -> None:
                         "or tfds:NAME[/CONFIG][:SPLIT], a TensorFlow Datasets split streamed "
                         "through the tokenizer (validation: its validation or test split).")
     define_tfds_flags()
-    flags.DEFINE_integer("seq_len", _D.seq_len, "Tokens of context per training window.")
-    flags.DEFINE_integer("num_layers", _D.num_layers, "Transformer decoder layers.")
-    flags.DEFINE_integer("num_heads", _D.num_heads, "Attention heads per layer.")
-    flags.DEFINE_integer("hidden_dim", _D.hidden_dim, "Model width (embedding size).")
-    flags.DEFINE_integer("intermediate_dim", _D.intermediate_dim, "Feed-forward width.")
+    define_model_flags()
     flags.DEFINE_float("dropout", _D.dropout, "Dropout rate.")
     flags.DEFINE_integer("global_batch_size", _D.global_batch_size,
                          "Windows per step over ALL replicas; must divide by the replica count.")

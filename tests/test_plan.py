@@ -1,0 +1,195 @@
+"""tfdp-plan's cost model (tfdp/plan.py) and its command line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import run_cli
+from tfdp import plan
+from tfdp.config import Config
+from tfdp.errors import UserError
+
+SHAPES = [  # (layers, heads, hidden, intermediate, vocab, seq_len)
+    (4, 4, 128, 512, 257, 128),
+    (1, 2, 32, 48, 100, 16),
+    (3, 6, 96, 200, 8192, 64),
+]
+
+
+def _h100(**changes) -> plan.Hardware:
+    return plan.dataclasses.replace(plan.hardware("h100", "bf16"), **changes)
+
+
+@pytest.mark.parametrize("dims", SHAPES)
+def test_parameter_count_equals_the_built_model(dims):
+    from tfdp.model import build_model, count_params, non_embedding_params
+
+    layers, heads, hidden, inter, vocab, seq = dims
+    model = build_model(Config(num_layers=layers, num_heads=heads, hidden_dim=hidden,
+                               intermediate_dim=inter, seq_len=seq), vocab)
+    shape = plan.Shape(*dims)
+    assert plan.count_params(shape) == count_params(model)
+    assert plan.non_embedding_params(shape) == non_embedding_params(model)
+
+
+def test_memory_components_scale():
+    small = plan.Job(plan.Shape(4, 4, 128, 512, 257, 128), 32)
+    big = plan.Job(plan.Shape(8, 8, 256, 1024, 257, 128), 32)
+    ratio = plan.count_params(big.shape) / plan.count_params(small.shape)
+    for part in ("weights", "gradients", "optimizer"):
+        assert plan.state_bytes(big)[part] == pytest.approx(ratio * plan.state_bytes(small)[part])
+    assert plan.state_bytes(small)["weights"] == 4 * plan.count_params(small.shape)
+    assert plan.state_bytes(small)["optimizer"] == 8 * plan.count_params(small.shape)
+    # Accumulation adds a gradient accumulator; 16-bit compute adds the weights' casts.
+    accum = plan.Job(small.shape, 32, grad_accum_steps=2)
+    assert plan.state_bytes(accum)["gradients"] == 2 * plan.state_bytes(small)["gradients"]
+    assert plan.state_bytes(plan.Job(small.shape, 32, "bf16"))["compute_copies"] == (
+        2 * plan.count_params(small.shape))
+    # Activations grow linearly with the micro-batch ...
+    one = plan.activation_bytes(small.shape, 1, "off")
+    assert plan.activation_bytes(small.shape, 7, "off") == pytest.approx(7 * one)
+    # ... and a layer's take half the bytes in bf16 (the loss stays float32).
+    two_layers = plan.dataclasses.replace(small.shape, num_layers=2)
+    one_layer = plan.dataclasses.replace(small.shape, num_layers=1)
+
+    def per_layer(precision):
+        return (plan.activation_bytes(two_layers, 4, precision)
+                - plan.activation_bytes(one_layer, 4, precision))
+    assert per_layer("bf16") == pytest.approx(per_layer("off") / 2)
+    # Korthikanti et al.'s 34sbh + 5as^2b bytes less dropout's 2sbh + 3as^2b, at 16 bits.
+    s, b, h, a = 128, 4, 128, 4
+    assert per_layer("bf16") == 32 * s * b * h + 2 * a * s * s * b
+
+
+def test_ring_allreduce_formula():
+    assert plan.ring_allreduce_seconds(1e9, 1, 1e9, 1e-3) == 0.0
+    assert plan.ring_allreduce_seconds(1e9, 2, 1e9, 0.0) == pytest.approx(1.0)
+    assert plan.ring_allreduce_seconds(1e9, 8, 1e9, 0.0) == pytest.approx(1.75)
+    assert plan.ring_allreduce_seconds(0, 8, 1e9, 1e-3) == pytest.approx(14e-3)
+    hw = _h100(intra_bandwidth=100e9, inter_bandwidth=10e9, intra_latency_s=0.0,
+               inter_latency_s=0.0)
+    shape = plan.Shape()
+    # Hierarchical: a ring inside the node, then one across nodes.
+    job = plan.Job(shape, 64, num_workers=4, devices_per_worker=8)
+    assert plan.allreduce_seconds(job, hw, 1e9) == pytest.approx(1.75e-2 + 1.5e-1)
+    flat = plan.Job(shape, 64, num_workers=4, devices_per_worker=1)
+    assert plan.allreduce_seconds(flat, hw, 1e9) == pytest.approx(1.5e-1)
+
+
+def test_single_replica_is_fully_efficient():
+    figures = plan.plan(plan.Job(plan.Shape(), 32), _h100())
+    assert figures["allreduce_time_s"] == 0.0
+    assert figures["efficiency"] == 1.0
+    assert figures["step_time_s"] == pytest.approx(figures["compute_time_s"]
+                                                   + figures["fixed_time_s"])
+    several = plan.plan(plan.Job(plan.Shape(), 32, num_workers=2, devices_per_worker=2),
+                        _h100())
+    assert 0 < several["efficiency"] < 1
+    # The same per-replica work: the same compute time.
+    assert several["compute_time_s"] == pytest.approx(figures["compute_time_s"] / 4)
+
+
+def test_waiting_for_the_slowest_and_contention():
+    assert plan.expected_max_normal(1) == 0.0
+    assert plan.expected_max_normal(2) == pytest.approx(0.5642, abs=1e-4)
+    assert plan.expected_max_normal(8) == pytest.approx(1.4236, rel=0.03)  # exact value
+    job = plan.Job(plan.Shape(), 32, num_workers=2, devices_per_worker=1)
+    hw = _h100(step_cv=0.1)
+    figures = plan.plan(job, hw)
+    busy = figures["compute_time_s"] + figures["fixed_time_s"]
+    assert figures["wait_time_s"] == pytest.approx(0.1 * busy / 3.141592653589793 ** 0.5)
+    # Contention slows the job's compute, not one replica's alone: efficiency drops.
+    slow = plan.plan(job, _h100(step_cv=0.1, contention=2.0))
+    assert slow["compute_time_s"] == pytest.approx(2 * figures["compute_time_s"])
+    assert slow["efficiency"] < figures["efficiency"]
+    # A CPU's logical replicas share one process: no waiting among them.
+    cpu = plan.hardware("cpu", tflops=0.1)
+    one_worker = plan.Job(plan.Shape(), 32, num_workers=1, devices_per_worker=2)
+    assert plan.plan(one_worker, plan.dataclasses.replace(cpu, step_cv=0.2))["wait_time_s"] == 0
+
+
+def test_largest_batch_fits_and_one_more_does_not():
+    shape = plan.Shape(12, 12, 768, 3072, 50257, 1024)
+    job = plan.Job(shape, 64, "bf16", num_workers=1, devices_per_worker=8)
+    for hw in (_h100(), plan.hardware("l4", "bf16"), plan.hardware("a100-40gb", "off")):
+        largest = plan.largest_micro_batch(job, hw)
+        assert largest > 0
+        assert plan.memory_bytes(job, hw, largest)["fits"]
+        assert not plan.memory_bytes(job, hw, largest + 1)["fits"]
+    tiny = plan.dataclasses.replace(_h100(), memory_bytes=1e9)
+    assert plan.largest_micro_batch(job, tiny) == 0
+
+
+def test_hardware_presets_and_overrides():
+    assert plan.hardware("a100", "bf16").peak_flops == 312e12
+    assert plan.hardware("a100", "off").peak_flops == 156e12  # TF32, TensorFlow's default
+    assert plan.hardware("h200", "bf16").peak_flops == plan.hardware("h100", "bf16").peak_flops
+    assert plan.hardware("h200", "bf16").memory_bytes == 141 * plan.GIB
+    assert plan.hardware("a100", "bf16", tflops=100).peak_flops == 100e12
+    assert plan.hardware("cpu", tflops=0.5).shares_compute
+    with pytest.raises(UserError, match="--calibrate"):
+        plan.hardware("cpu")
+    with pytest.raises(UserError, match="a100, a100-40gb, h100"):
+        plan.hardware("tpu")
+
+
+def test_json_has_the_figures():
+    result = run_cli("tfdp-plan", "--device=h100", "--devices_per_worker=8",
+                     "--num_workers=2", "--global_batch_size=64", "--mixed_precision=bf16",
+                     "--json", timeout=120)
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout)
+    for key in ("num_parameters", "memory_per_replica_gib", "fits", "step_time_s",
+                "compute_time_s", "allreduce_time_s", "efficiency", "tokens_per_second",
+                "tokens_per_day", "largest_micro_batch_that_fits", "flops_per_step"):
+        assert key in figures
+    assert figures["num_parameters"] == 842624 and figures["fits"] is True
+    assert figures["replicas"] == 16 and 0 < figures["efficiency"] < 1
+    table = run_cli("tfdp-plan", "--device=l4", timeout=120)
+    assert table.returncode == 0 and "step time" in table.stdout
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--num_heads=3"], "not divisible by --num_heads=3"),
+    (["--global_batch_size=30", "--devices_per_worker=4"], "does not divide"),
+    (["--global_batch_size=8", "--devices_per_worker=2", "--grad_accum_steps=3"],
+     "use a multiple of 6"),
+    (["--device=tpu9"], "a100, a100-40gb, h100, h200, v100, l4"),
+    (["--num_layers=0"], "--num_layers=0 must be a positive"),
+    (["--global_batch_size=-4"], "--global_batch_size=-4 must be a positive"),
+    (["--device_tflops=-1"], "--device_tflops=-1.0 must be a positive"),
+])
+def test_bad_input_is_one_line_exit_2(args, says):
+    extra = [] if any(a.startswith("--device=") for a in args) else ["--device=a100"]
+    result = run_cli("tfdp-plan", *extra, *args, timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tfdp-plan: error: ") and says in lines[0]
+
+
+@pytest.mark.slow
+def test_calibrated_cpu_plan():
+    result = run_cli("tfdp-plan", "--device=cpu", "--num_layers=2", "--hidden_dim=64",
+                     "--intermediate_dim=128", "--seq_len=32", "--global_batch_size=8",
+                     "--json", timeout=600)
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout)
+    assert figures["calibrated"] and figures["replicas"] == 2
+    assert 0 < figures["compute_efficiency"] < 2 and figures["fixed_time_s"] >= 0
+    assert figures["framework_memory_gib"] > 0.1 and figures["step_time_s"] > 0
+    assert figures["step_time_cv"] >= 0 and figures["wait_time_s"] == 0  # one worker
+
+
+@pytest.mark.slow
+def test_calibrated_two_worker_plan_on_loopback():
+    result = run_cli("tfdp-plan", "--device=cpu", "--num_workers=2", "--cpu_threads_per_worker=1",
+                     "--num_layers=1", "--hidden_dim=32", "--num_heads=2",
+                     "--intermediate_dim=64", "--seq_len=32", "--global_batch_size=4",
+                     "--json", timeout=600)
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout)
+    assert figures["replicas"] == 2 and figures["allreduce_time_s"] > 0
+    assert figures["contention"] >= 1 and 0 < figures["efficiency"] < 1
+    assert figures["interconnect_gbps"] > 0

@@ -211,7 +211,7 @@ with open(out, "w") as f:
                "task": [r.task_type, r.task_id]}}, f)
 sys.exit({exit_status})
 """)
-    _fake(bin_dir / "scontrol", f"""#!/bin/sh
+    _fake(bin_dir / "scontrol", """#!/bin/sh
 echo "$@" > "$OUT/scontrol"
 """)
     env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "HOME": str(tmp_path),

@@ -29,10 +29,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 
 import numpy as np
 
+from tfdp.atomic import staged_directory
 from tfdp.errors import UserError
 
 FORMATS = ("saved_model", "preset")
@@ -52,15 +52,6 @@ def _check_output(output: str) -> None:
                         "directory")
 
 
-def _first_missing(path: str) -> str | None:
-    """The outermost directory of `path` that does not exist yet, if any
-    (removed again when the export fails)."""
-    missing = None
-    while path and not os.path.exists(path):
-        missing, path = path, os.path.dirname(path)
-    return missing
-
-
 def export(model_dir: str, output: str, fmt: str, log=print) -> str:
     """Export the latest checkpoint of `model_dir` to `output` in format
     `fmt` (one of FORMATS); return the absolute output path."""
@@ -72,14 +63,8 @@ def export(model_dir: str, output: str, fmt: str, log=print) -> str:
     model, tokenizer, cfg = load_trained(model_dir)
     tokenizer_dir = os.path.join(os.path.abspath(os.path.expanduser(model_dir)), "tokenizer")
 
-    parent = os.path.dirname(output)
-    created = _first_missing(parent)
-    os.makedirs(parent, exist_ok=True)
-    # A hidden staging directory in the same parent: the final rename stays
-    # on one file system, so it is atomic.
-    staging = tempfile.mkdtemp(prefix=".tfdp-export-", dir=parent)
-    try:
-        build = os.path.join(staging, "out")  # normal permissions, unlike mkdtemp's 0700
+    # Built beside --output and renamed into place (tfdp/atomic.py).
+    with staged_directory(output, ".tfdp-export-") as build:
         if fmt == "saved_model":
             notes = _saved_model(model, cfg, build)
             shutil.copytree(tokenizer_dir, os.path.join(build, "tokenizer"))
@@ -87,13 +72,6 @@ def export(model_dir: str, output: str, fmt: str, log=print) -> str:
             notes = _preset(model, tokenizer, tokenizer_dir, cfg, build)
             shutil.copytree(tokenizer_dir, os.path.join(build, TFDP_TOKENIZER_DIR))
         _check_output(output)  # still new or empty? (rename onto an empty directory works)
-        os.rename(build, output)
-    except BaseException:
-        if created:
-            shutil.rmtree(created, ignore_errors=True)
-        raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     log(f"exported {fmt} to {output}: {notes}")
     return output
 

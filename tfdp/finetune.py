@@ -24,8 +24,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
 
 import keras
@@ -33,6 +31,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfdp import classdata
+from tfdp.atomic import staged_directory
 from tfdp.config import Config
 from tfdp.errors import UserError
 from tfdp.model import build_model
@@ -332,10 +331,8 @@ def _write(output_dir: str, model: Classifier, config: dict, classes: list[str],
            metrics: dict) -> None:
     """Everything into a temporary sibling, then one rename: output_dir
     appears complete or not at all."""
-    parent = os.path.dirname(output_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}-", dir=parent)
-    try:
+    with staged_directory(output_dir, ".tfdp-finetune-") as tmp:
+        os.makedirs(tmp)
         write_text(os.path.join(tmp, "config.json"), json.dumps(config, indent=2))
         write_text(os.path.join(tmp, "labels.json"),
                    json.dumps({"classes": classes, "ids": {c: i for i, c in
@@ -343,7 +340,3 @@ def _write(output_dir: str, model: Classifier, config: dict, classes: list[str],
         tf.train.Checkpoint(backbone=model.backbone, head=model.head).write(
             os.path.join(tmp, "checkpoint", "ckpt"))
         write_text(os.path.join(tmp, "metrics.json"), json.dumps(metrics, indent=2))
-        os.replace(tmp, output_dir)  # replaces an empty directory too
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

@@ -21,14 +21,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from data.tfds_text import MAX_VAL_BYTES
+from tfdp.atomic import staged_directory
 from tfdp.errors import UserError
 from tfdp.tokenizers import train_tokenizer
 
@@ -170,10 +169,7 @@ def write_prepared(output: str, tok, splits: dict[str, list[bytes]], about: dict
     output = check_output(output)
     dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
     streams = {split: _stream(tok, docs) for split, docs in splits.items()}
-    parent = os.path.dirname(output)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".tfdp-prepare-", dir=parent)
-    try:
+    with staged_directory(output, ".tfdp-prepare-") as staging:
         os.makedirs(os.path.join(staging, "tokenizer"))
         tok.save(os.path.join(staging, "tokenizer"))
         manifest = {
@@ -190,12 +186,6 @@ def write_prepared(output: str, tok, splits: dict[str, list[bytes]], about: dict
         }
         with open(os.path.join(staging, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=2)
-        if os.path.isdir(output):
-            os.rmdir(output)  # empty, checked above
-        os.rename(staging, output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return manifest
 
 

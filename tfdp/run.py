@@ -31,6 +31,7 @@ from data.tfds_text import TfdsText, is_tfds
 from tfdp import cluster, presets, watchdog
 from tfdp.callbacks import ProgressLogger, TensorBoardSummaries
 from tfdp import rundir
+from tfdp.atomic import staged_directory
 from tfdp.checkpoints import check_same_step, make_checkpoint, restore_newest_readable
 from tfdp.config import Config
 from tfdp.dataset import Split, shard_files
@@ -47,14 +48,6 @@ from tfdp.rundir import read_json, write_text
 from tfdp.strategy import build_strategy, is_chief
 from tfdp.stream import TextStream
 from tfdp.tokenizers import load_tokenizer
-
-
-def _first_missing(path: str) -> str | None:
-    """The outermost directory of `path` that does not exist yet, if any."""
-    missing = None
-    while path and not os.path.exists(path):
-        missing, path = path, os.path.dirname(path)
-    return missing
 
 
 def _load_data(cfg: Config, run_dir: str, log) -> str:
@@ -77,22 +70,9 @@ def _load_data(cfg: Config, run_dir: str, log) -> str:
         files = recipes.source_files(spec)
         make = lambda out: prepare(files, out, presets.data_tokenizer(cfg), cfg.vocab_size,
                                    cfg.val_fraction, log=log)
-    parent = os.path.dirname(run_dir)
-    created = _first_missing(parent)  # removed again if preparing fails
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".tfdp-data-", dir=parent)
-    try:
-        staged = os.path.join(staging, "data")
+    with staged_directory(os.path.join(run_dir, "data"), ".tfdp-data-") as staged:
         for split in make(staged)["splits"]:
             Split(staged, split, cfg.seq_len)  # raises unless it holds a window
-        os.makedirs(run_dir, exist_ok=True)
-        os.rename(staged, os.path.join(run_dir, "data"))
-    except BaseException:
-        if created:
-            shutil.rmtree(created, ignore_errors=True)
-        raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return os.path.join(run_dir, "data")
 
 

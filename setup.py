@@ -38,6 +38,7 @@ setup(
             "tfdp-launch=trainer.launch:run",
             "tfdp-export=trainer.export:run",
             "tfdp-finetune=trainer.finetune:run",
+            "tfdp-preflight=trainer.preflight:run",
             "tfdp-report=trainer.report:run",
             "tfdp-plan=trainer.plan:run",
         ],

@@ -19,7 +19,8 @@ def test_cli_reference_is_current():
     assert result.returncode == 0, result.stderr
     text = (ROOT / "docs" / "cli.md").read_text()
     for command in ("tfdp-train", "tfdp-prepare", "tfdp-generate", "tfdp-eval",
-                    "tfdp-launch", "tfdp-export", "tfdp-finetune", "tfdp-plan"):
+                    "tfdp-launch", "tfdp-export", "tfdp-finetune", "tfdp-plan",
+                    "tfdp-preflight", "tfdp-report"):
         assert f"\n## {command}\n" in text
     assert "--global_batch_size:" in text and "--preemption_grace_seconds:" in text
 

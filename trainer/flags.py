@@ -37,6 +37,17 @@ def define_tfds_flags() -> None:
                       "from the data directory (otherwise nothing is downloaded).")
 
 
+def define_cluster_flags() -> None:
+    """How a multi-worker job waits for and finds its workers (tfdp-train,
+    tfdp-preflight)."""
+    flags.DEFINE_float("collective_timeout", _D.collective_timeout,
+                       "Multi-worker: seconds a dead, frozen or missing worker may hold up the "
+                       "others before they all stop with an error naming it.")
+    flags.DEFINE_integer("slurm_port_base", _D.slurm_port_base,
+                         "Multi-worker under SLURM: port of the first task on each node "
+                         "(the next tasks take the following ports).")
+
+
 def define_strategy_flags() -> None:
     """Which devices and replicas a command runs on (tfdp-train, tfdp-eval)."""
     flags.DEFINE_enum("strategy", _D.strategy, STRATEGIES,
@@ -120,9 +131,7 @@ def define_train_flags() -> None:
                       "policy); fp16: in float16 (mixed_float16) with a dynamic loss scale. "
                       "Weights, optimizer state, checkpoints, the loss and its softmax stay "
                       "float32.")
-    flags.DEFINE_float("collective_timeout", _D.collective_timeout,
-                       "Multi-worker: seconds a dead, frozen or missing worker may hold up the "
-                       "others before they all stop with an error naming it.")
+    define_cluster_flags()
     flags.DEFINE_enum("input_sharding", _D.input_sharding, INPUT_SHARDING,
                       "Multi-worker: auto gives each worker whole shard files of its own when "
                       "there are enough (less memory and I/O; the data order then depends on "
@@ -131,9 +140,6 @@ def define_train_flags() -> None:
     flags.DEFINE_enum("all_reduce_dtype", _D.all_reduce_dtype, ALL_REDUCE_DTYPES,
                       "Type the gradients are summed across replicas in; bfloat16 halves the "
                       "bytes sent (about 3 significant digits per replica's gradient).")
-    flags.DEFINE_integer("slurm_port_base", _D.slurm_port_base,
-                         "Multi-worker under SLURM: port of the first task on each node "
-                         "(the next tasks take the following ports).")
     flags.DEFINE_string("model_dir", _D.model_dir,
                         "Directory for checkpoints, TensorBoard logs, metrics and samples; "
                         "an existing run there is resumed.")

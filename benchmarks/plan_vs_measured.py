@@ -84,7 +84,7 @@ def train(data: str, batch: int, steps: int, how: str, tmp: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=30, help="training steps per run")
+    parser.add_argument("--steps", type=int, default=25, help="training steps per run")
     parser.add_argument("--cases", default=DEFAULT_CASES,
                         help="comma-separated KIND:GLOBAL_BATCH, KIND 1w or 2w")
     args = parser.parse_args()
@@ -118,18 +118,22 @@ def main() -> None:
                    "predicted_memory_gib": p["memory_per_device_gib"],
                    "measured_memory_gib": run["peak_host_memory_gib"],
                    "compute_s": p["compute_time_s"], "allreduce_s": p["allreduce_time_s"],
-                   "fixed_s": p["fixed_time_s"], "compute_efficiency": p["compute_efficiency"]}
+                   "fixed_s": p["fixed_time_s"], "wait_s": p["wait_time_s"],
+                   "contention": p["contention"], "step_cv": p["step_time_cv"],
+                   "compute_efficiency": p["compute_efficiency"],
+                   "load_average": os.getloadavg()[0]}  # others' work on the same cores
             rows.append(row)
             print(json.dumps(row), flush=True)
     print("\n| case | global batch | step predicted | measured | ratio | efficiency predicted "
-          "| measured | memory predicted | measured |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| measured | memory predicted | measured | load |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['case']} | {r['global_batch']} ({r['tokens_per_replica']} tok/replica) | "
               f"{1e3 * r['predicted_step_s']:.1f} ms | {1e3 * r['measured_step_s']:.1f} ms | "
               f"{r['predicted_step_s'] / r['measured_step_s']:.2f} | "
               f"{r['predicted_efficiency']:.1%} | {r['measured_efficiency']:.1%} | "
-              f"{r['predicted_memory_gib']:.2f} GiB | {r['measured_memory_gib']:.2f} GiB |")
+              f"{r['predicted_memory_gib']:.2f} GiB | {r['measured_memory_gib']:.2f} GiB | "
+              f"{r['load_average']:.1f} |")
 
 
 if __name__ == "__main__":

@@ -7,8 +7,11 @@
                   XLA setting, on the worker's own replicas: its FLOPs / time
                   / peak. (The layers are alike, so two show their rate.)
   step_cv         the spread (standard deviation / mean) of those times
+  alone_fixed_s   the fixed cost of that one replica's step alone (one_device)
   contention      multi-worker: that probe on both workers at once over the
-                  chief's alone (what two busy workers cost each other)
+                  chief's alone (what two busy workers cost each other); a
+                  CPU's logical replicas: their probe over one replica doing
+                  their whole micro-batch (then `efficiency` is that one's)
   fixed_step_s    tfdp's whole train step (tfdp.step.make_train_step with
                   AdamW, one all-reduce, the host call) for a model of the
                   planned depth and the smallest width: its compute is
@@ -31,6 +34,7 @@ here: trainer/plan.py passes plain values.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -161,9 +165,7 @@ def measure_worker(job, device: str, log=lambda *_: None, multi_worker: bool = F
 
     from tfdp import plan
     from tfdp.flops import measure_matmul_flops
-    from tfdp.model import build_model
-    from tfdp.optimizer import build_optimizer
-    from tfdp.step import _token_losses, default_jit_compile, make_train_step
+    from tfdp.step import default_jit_compile
     from tfdp.strategy import build_strategy, is_chief, split_cpu
 
     measured: dict = {"calibrated": True}
@@ -193,15 +195,7 @@ def measure_worker(job, device: str, log=lambda *_: None, multi_worker: bool = F
     tiny = _model_cfg(shape, shape.num_layers, 2 * heads, heads, 4, replicas,
                       job.mixed_precision)
     log(f"calibrating: per-step overhead of a {shape.num_layers}-layer step ...")
-    with strategy.scope():
-        model = build_model(tiny, 8)
-        optimizer = build_optimizer(tiny, model.trainable_variables)
-    step = make_train_step(strategy, model, optimizer, replicas, shape.seq_len,
-                           tiny.clip_norm, jit)
-    data = tf.data.Dataset.from_tensor_slices(_windows(replicas, shape.seq_len, 8))
-    iterator = iter(strategy.distribute_datasets_from_function(
-        lambda ctx: data.repeat().batch(ctx.get_per_replica_batch_size(replicas))))
-    fixed = _fixed_calls(lambda: float(step(iterator)["loss"][-1]))
+    fixed = _fixed_probe(tiny, strategy, replicas, jit)
     t_small = _allreduce_seconds(strategy, SMALL_BYTES) if replicas > 1 else 0.0
     if replicas > 1:
         t_big = _allreduce_seconds(strategy, grad_bytes)
@@ -220,13 +214,70 @@ def measure_worker(job, device: str, log=lambda *_: None, multi_worker: bool = F
                        job.micro_batch * local, job.mixed_precision)
     log(f"calibrating: forward and backward of {layers} layer(s), micro-batch "
         f"{job.micro_batch} x {local} replica(s) ...")
+    one_device = tf.distribute.OneDeviceStrategy(first)
+    run = _probe(probe, shape.vocab_size, one_device if multi_worker else strategy,
+                 job.micro_batch, jit)
+    times = _times(run)
+    seconds = statistics.median(times)
+    probe_job = plan.Job(plan.Shape(layers, heads, shape.hidden_dim, shape.intermediate_dim,
+                                    shape.vocab_size, shape.seq_len),
+                         job.micro_batch * local, job.mixed_precision, 1, 1, local)
+    flops = plan.step_flops(probe_job) / local * (1 if gpus else local)
+    measured["efficiency"] = flops / (seconds * measured["peak_flops"])
+    measured["step_cv"] = statistics.pstdev(times) / statistics.mean(times)
     if multi_worker:
-        model = build_model(probe, shape.vocab_size)
-        probe_strategy = tf.distribute.OneDeviceStrategy(first)
-    else:
-        with strategy.scope():
-            model = build_model(probe, shape.vocab_size)
-        probe_strategy = strategy
+        # Then the chief alone, the other worker waiting in an all-reduce:
+        # the ratio is what two busy workers cost each other (contention).
+        barrier = _allreduce_fn(strategy, SMALL_BYTES)
+        barrier()
+        if is_chief(strategy):
+            measured["alone_s"] = statistics.median(_times(run))
+            measured["alone_fixed_s"] = _fixed_probe(
+                dataclasses.replace(tiny, global_batch_size=1), one_device, 1, jit)
+        barrier()
+        measured["together_s"] = seconds
+    elif local > 1 and not gpus:
+        # A CPU's logical replicas share its cores: the reference is one
+        # replica doing the worker's whole micro-batch on all of them.
+        log("calibrating: the same work as one replica ...")
+        alone = statistics.median(_times(_probe(probe, shape.vocab_size, one_device,
+                                                job.micro_batch * local, jit)))
+        measured["efficiency"] = flops / (alone * measured["peak_flops"])
+        measured["contention"] = seconds / alone
+        measured["alone_fixed_s"] = _fixed_probe(tiny, one_device, 1, jit)
+    return measured
+
+
+def _fixed_probe(tiny, strategy, replicas: int, jit: bool) -> float:
+    """Median seconds of tfdp's whole train step (make_train_step, AdamW, the
+    host call) for the minimal-width model `tiny` under `strategy`."""
+    import tensorflow as tf
+
+    from tfdp.model import build_model
+    from tfdp.optimizer import build_optimizer
+    from tfdp.step import make_train_step
+
+    with strategy.scope():
+        model = build_model(tiny, 8)
+        optimizer = build_optimizer(tiny, model.trainable_variables)
+    step = make_train_step(strategy, model, optimizer, replicas, tiny.seq_len,
+                           tiny.clip_norm, jit)
+    data = tf.data.Dataset.from_tensor_slices(_windows(replicas, tiny.seq_len, 8))
+    iterator = iter(strategy.distribute_datasets_from_function(
+        lambda ctx: data.repeat().batch(ctx.get_per_replica_batch_size(replicas))))
+    return _fixed_calls(lambda: float(step(iterator)["loss"][-1]))
+
+
+def _probe(cfg, vocab: int, strategy, batch: int, jit: bool):
+    """A blocking call: forward and backward of `cfg`'s model on every
+    replica of `strategy`, `batch` windows each (no collectives)."""
+    import tensorflow as tf
+
+    from tfdp.model import build_model
+    from tfdp.step import _token_losses
+
+    with strategy.scope():
+        model = build_model(cfg, vocab)
     variables = model.trainable_variables
 
     @tf.function(jit_compile=jit)
@@ -239,30 +290,12 @@ def measure_worker(job, device: str, log=lambda *_: None, multi_worker: bool = F
         loss, grads = forward_backward(windows)
         return loss + tf.add_n([tf.reduce_sum(g) for g in grads])  # needs every gradient
 
-    windows = _windows(job.micro_batch, shape.seq_len, shape.vocab_size)
+    windows = _windows(batch, cfg.seq_len, vocab)
 
     @tf.function
     def run():
-        return probe_strategy.experimental_local_results(
-            probe_strategy.run(replica, args=(windows,)))[0]
-    times = _times(lambda: float(run()))
-    seconds = statistics.median(times)
-    if multi_worker:
-        # Then the chief alone, the other worker waiting in an all-reduce:
-        # the ratio is what two busy workers cost each other (contention).
-        barrier = _allreduce_fn(strategy, SMALL_BYTES)
-        barrier()
-        if is_chief(strategy):
-            measured["alone_s"] = statistics.median(_times(lambda: float(run())))
-        barrier()
-        measured["together_s"] = seconds
-    probe_job = plan.Job(plan.Shape(layers, heads, shape.hidden_dim, shape.intermediate_dim,
-                                    shape.vocab_size, shape.seq_len),
-                         job.micro_batch * local, job.mixed_precision, 1, 1, local)
-    flops = plan.step_flops(probe_job) / local * (1 if gpus else local)
-    measured["efficiency"] = flops / (seconds * measured["peak_flops"])
-    measured["step_cv"] = statistics.pstdev(times) / statistics.mean(times)
-    return measured
+        return strategy.experimental_local_results(strategy.run(replica, args=(windows,)))[0]
+    return lambda: float(run())
 
 
 # ---------------------------------------------------------------- loopback
@@ -271,8 +304,6 @@ def loopback(job, device: str, cpu_threads: int) -> dict:
     """`measure_worker` on both workers of a 2-worker loopback job
     (tfdp.launch, MultiWorkerMirroredStrategy over gRPC); the chief's figures,
     with the slower worker's compute."""
-    import dataclasses
-
     from tfdp.launch import Launcher
 
     out = io.StringIO()
@@ -303,7 +334,7 @@ def loopback(job, device: str, cpu_threads: int) -> dict:
     alone = chief.pop("alone_s")
     together = max(r["together_s"] for r in results)
     chief["efficiency"] *= chief.pop("together_s") / alone
-    chief["contention"] = max(together / alone, 1.0)
+    chief["contention"] = together / alone
     chief["step_cv"] = max(r["step_cv"] for r in results)
     return chief
 

@@ -13,9 +13,10 @@ the all-reduce is not overlapped with compute). So
 
   compute    = K * b * T * F / (peak * efficiency) * contention
                (times D on a CPU, whose logical replicas share the worker's
-               cores; contention >= 1: how much slower a worker computes
-               while the others do too, measured by --calibrate on loopback,
-               1 on GPUs)
+               cores; contention: how much slower a worker computes while
+               the others do too, measured by --calibrate on loopback, or
+               how much slower a CPU's logical replicas do the worker's
+               micro-batches than one replica doing them all; 1 on GPUs)
                F = tfdp.flops.flops_per_token = 6N + 12*L*H*Q*T
   all-reduce = ring: 2(R-1)/R * G / bandwidth + 2(R-1) * latency
                G = 4 bytes * parameters (+ the loss and stop flag);
@@ -30,8 +31,9 @@ the all-reduce is not overlapped with compute). So
                standard normals (1/sqrt(pi) = 0.56 for 2, 1.03 for 4, 1.42
                for 8; computed with Blom's approximation beyond 2, within 3%).
 
-  efficiency = (compute / contention + fixed) / step time: one replica's
-               step alone over the job's, which is what
+  efficiency = (compute / contention + fixed alone) / step time: one
+               replica's step alone (its fixed cost measured by --calibrate
+               under a one-device strategy) over the job's, which is what
                benchmarks/weak_scaling.py measures (N workers' tokens/s over
                N x one worker's alone); 1 for a single replica.
 
@@ -163,6 +165,7 @@ class Hardware:
     efficiency: float = ASSUMED_EFFICIENCY
     fixed_step_s: float = ASSUMED_FIXED_STEP_S
     contention: float = 1.0  # compute slowdown of a worker while all compute
+    alone_fixed_s: float | None = None  # one replica's fixed cost alone (None: fixed_step_s)
     step_cv: float = 0.02  # relative spread of one replica's step time (GPUs: steady)
     intra_latency_s: float = 5e-6  # NCCL over NVLink: a few us per hop
     inter_latency_s: float = 20e-6  # InfiniBand/RoCE plus NCCL: ~10-20 us per hop
@@ -416,6 +419,7 @@ def plan(job: Job, hw: Hardware) -> dict:
     grads = gradient_bytes(shape)
     allreduce = allreduce_seconds(job, hw, grads)
     wait = wait_seconds(job, hw, compute + hw.fixed_step_s)
+    alone_fixed = hw.fixed_step_s if hw.alone_fixed_s is None else hw.alone_fixed_s
     step = compute + wait + allreduce + hw.fixed_step_s
     tokens = job.global_batch_size * shape.seq_len
     flops = step_flops(job)
@@ -447,7 +451,7 @@ def plan(job: Job, hw: Hardware) -> dict:
         "step_time_cv": hw.step_cv,
         "step_time_s": step,
         "contention": hw.contention,
-        "efficiency": (compute / hw.contention + hw.fixed_step_s) / step,
+        "efficiency": (compute / hw.contention + alone_fixed) / step,
         "mfu": flops / step / peak_total,
         "tokens_per_step": tokens,
         "tokens_per_second": tokens / step,

@@ -108,8 +108,8 @@ if __name__ == "__main__":
     if "--input_sharding=interleave" in sys.argv:
         cfg = Config(**{**CFG.__dict__, "input_sharding": "interleave"})
     stall = [int(s) for s in _option("stall_worker_1_at")]
-    if stall:
-        cfg = Config(**{**cfg.__dict__, "collective_timeout": 10.0})
+    if stall:  # no XLA: under load, compiling the first step could outlast the 10 s
+        cfg = Config(**{**cfg.__dict__, "collective_timeout": 10.0, "jit_compile": False})
     hang = [int(s) for s in _option("hang_inside_step_after")]
     if hang:  # a py_function cannot be compiled by XLA
         cfg = Config(**{**cfg.__dict__, "jit_compile": False,

@@ -45,19 +45,23 @@ class TfdsText:
     """One dataset's training split, validation split and text feature,
     checked on construction (UserError names what is wrong and the fix)."""
 
-    def __init__(self, spec: str, text_feature: str = "text", data_dir: str | None = None,
-                 download: bool = False):
-        self.spec = spec.strip()
+    def __init__(self, spec: str, text_feature: str | None = "text",
+                 data_dir: str | None = None, download: bool = False,
+                 default_split: str = "train", flag: str = "--data"):
+        """`text_feature=None` leaves the features to the caller (tfdp-finetune
+        reads a text and a label); `flag` names the flag in error messages."""
+        self.spec, self.flag = spec.strip(), flag
         name, _, split = self.spec[len(PREFIX):].partition(":")
         if not name:
-            raise UserError(f"--data={spec} names no dataset; write tfds:NAME[/CONFIG][:SPLIT], "
+            raise UserError(f"{flag}={spec} names no dataset; write tfds:NAME[/CONFIG][:SPLIT], "
                             "e.g. tfds:tiny_shakespeare")
-        self.name, self.feature, self.split = name, text_feature, split or "train"
+        self.name, self.feature, self.split = name, text_feature, split or default_split
         self.builder = self._builder(name, data_dir, download)
         if self._split_info(self.split).num_examples == 0:
-            raise UserError(f"--data={self.spec}: split {self.split!r} has no examples; "
+            raise UserError(f"{flag}={self.spec}: split {self.split!r} has no examples; "
                             "choose a larger slice")
-        self._check_feature()
+        if text_feature is not None:
+            self._check_feature()
 
     def _builder(self, name: str, data_dir: str | None, download: bool):
         tfds = _tfds()
@@ -65,15 +69,15 @@ class TfdsText:
         try:
             builder = tfds.builder(name, data_dir=data_dir)
         except tfds.core.registered.DatasetNotFoundError:
-            raise UserError(f"--data=tfds:{name}: TFDS knows no dataset {name!r} and there is "
+            raise UserError(f"{self.flag}=tfds:{name}: TFDS knows no dataset {name!r} and there is "
                             f"none in {where}; check the name (tfds.list_builders()) or point "
                             "--tfds_data_dir at the directory that holds it") from None
         except ValueError as err:  # an unknown config
-            raise UserError(f"--data=tfds:{name}: {str(err).splitlines()[0]}; check the "
+            raise UserError(f"{self.flag}=tfds:{name}: {str(err).splitlines()[0]}; check the "
                             "config after the '/'") from None
         if not builder.is_prepared():
             if not download:
-                raise UserError(f"--data=tfds:{name} is not in {where}; pass --tfds_download "
+                raise UserError(f"{self.flag}=tfds:{name} is not in {where}; pass --tfds_download "
                                 "to download and prepare it, or --tfds_data_dir where it is")
             builder.download_and_prepare()
         return builder
@@ -83,7 +87,7 @@ class TfdsText:
             return self.builder.info.splits[split]
         except (ValueError, KeyError, AssertionError) as err:
             known = ", ".join(self.builder.info.splits.keys())
-            raise UserError(f"--data={self.spec}: no split {split!r} ({str(err).splitlines()[0]});"
+            raise UserError(f"{self.flag}={self.spec}: no split {split!r} ({str(err).splitlines()[0]});"
                             f" {self.name} has {known}") from None
 
     def train_and_val(self, val_fraction: float) -> tuple[str, str]:
@@ -94,12 +98,12 @@ class TfdsText:
             if candidate in self.builder.info.splits and candidate != base:
                 return split, candidate
         if "[" in split:
-            raise UserError(f"--data={self.spec}: {self.name} has no validation or test split "
+            raise UserError(f"{self.flag}={self.spec}: {self.name} has no validation or test split "
                             "to validate on, and tfdp cannot hold out part of a slice; name a "
                             "whole split (then its last --val_fraction is held out)")
         held = math.ceil(info.num_examples * val_fraction)
         if held >= info.num_examples:
-            raise UserError(f"--data={self.spec}: split {split!r} has {info.num_examples} "
+            raise UserError(f"{self.flag}={self.spec}: split {split!r} has {info.num_examples} "
                             f"example(s), too few to hold out --val_fraction={val_fraction} "
                             "for validation and train on the rest; use a dataset with a "
                             "validation split or more examples")

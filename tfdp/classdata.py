@@ -47,12 +47,13 @@ class Examples:
 
 
 def read_examples(spec: str, text_column: str, label_column: str, default_split: str,
-                  tfds_data_dir: str | None = None, tfds_download: bool = False) -> Examples:
+                  tfds_data_dir: str | None = None, tfds_download: bool = False,
+                  flag: str = "--train") -> Examples:
     """Examples from a CSV path or a `tfds:` spec (its split defaults to
-    `default_split`)."""
+    `default_split`); `flag` names the flag that gave `spec` in errors."""
     if spec.startswith("tfds:"):
         return _read_tfds(spec, text_column, label_column, default_split, tfds_data_dir,
-                          tfds_download)
+                          tfds_download, flag)
     return _read_csv(spec, text_column, label_column)
 
 
@@ -90,33 +91,21 @@ def _read_csv(path: str, text_column: str, label_column: str) -> Examples:
 
 
 def _read_tfds(spec: str, text_column: str, label_column: str, default_split: str,
-               data_dir: str | None, download: bool) -> Examples:
-    import tensorflow_datasets as tfds  # imported only when asked for: it is slow
+               data_dir: str | None, download: bool, flag: str) -> Examples:
+    from data.tfds_text import TfdsText  # TFDS is imported only when asked for: it is slow
 
-    name, _, split = spec[len("tfds:"):].partition(":")
-    split = split or default_split
-    if not name:
-        raise UserError(f"{spec!r} names no dataset; write tfds:NAME[/CONFIG][:SPLIT], "
-                        "e.g. tfds:imdb_reviews:train")
-    where = f"in --tfds_data_dir={data_dir}" if data_dir else "in TFDS's default data_dir"
     # TFDS warns through absl (Python logging) while it looks for data; the
-    # outcome is reported below in one line.
+    # outcome is reported in one line (TfdsText's errors).
     absl_logger = logging.getLogger("absl")
     level = absl_logger.level
     absl_logger.setLevel(logging.ERROR)
     try:
-        dataset, info = tfds.load(name, split=split, data_dir=data_dir, download=download,
-                                  with_info=True)
-    except tfds.core.DatasetNotFoundError:
-        raise UserError(f"{spec!r}: TFDS knows no dataset {name!r}, and none is prepared "
-                        f"{where}; check the name (tfds:NAME[/CONFIG][:SPLIT])") from None
-    except Exception as err:  # noqa: BLE001  TFDS raises many kinds; all mean "not here"
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"cannot load TFDS dataset {name!r} split {split!r} {where} "
-                        f"({first}); prepare it there first, or pass --tfds_download"
-                        ) from None
+        source = TfdsText(spec, text_feature=None, data_dir=data_dir, download=download,
+                          default_split=default_split, flag=flag)
     finally:
         absl_logger.setLevel(level)
+    name, split, info = source.name, source.split, source.builder.info
+    dataset = source.builder.as_dataset(split=split)
     features = info.features
     missing = [c for c in (text_column, label_column) if c not in features]
     if missing:
@@ -127,15 +116,13 @@ def _read_tfds(spec: str, text_column: str, label_column: str, default_split: st
     label_feature = features[label_column]
     classes = list(label_feature.names) if hasattr(label_feature, "names") else None
     texts, labels, rows = [], [], []
-    for i, example in enumerate(tfds.as_numpy(dataset)):
+    for i, example in enumerate(dataset.as_numpy_iterator()):
         text = example[text_column]
         texts.append(text if isinstance(text, bytes) else str(text).encode("utf-8"))
         label = example[label_column]
         labels.append(int(label) if classes is not None else
                       (label.decode("utf-8") if isinstance(label, bytes) else str(label)).strip())
         rows.append(f"example {i} of {spec}")
-    if not texts:
-        raise UserError(f"TFDS split {spec!r} has no examples")
     return Examples(f"{name} ({split})", texts, labels, rows, classes)
 
 

@@ -237,8 +237,8 @@ def finetune(fc: FinetuneConfig, log=print) -> dict:
 
     read = dict(text_column=fc.text_column, label_column=fc.label_column,
                 tfds_data_dir=fc.tfds_data_dir, tfds_download=fc.tfds_download)
-    train_ex = classdata.read_examples(fc.train, default_split="train", **read)
-    eval_ex = classdata.read_examples(fc.eval, default_split="test", **read)
+    train_ex = classdata.read_examples(fc.train, default_split="train", flag="--train", **read)
+    eval_ex = classdata.read_examples(fc.eval, default_split="test", flag="--eval", **read)
     classes, train_labels, eval_labels = classdata.resolve_labels(train_ex, eval_ex)
     train_ids = tokenizer.encode(train_ex.texts)
     eval_ids = tokenizer.encode(eval_ex.texts)

@@ -173,7 +173,9 @@ def _train_in(cfg: Config, strategy, model_dir: str, write_dir: str, callbacks, 
         loss_scale = DynamicLossScale()  # used under fp16 only
     # With whole shard files per pipeline the data order depends on how many
     # pipelines there are; with one global order (interleave) it does not.
-    pipelines = cluster.input_pipeline(strategy)[1] if train_split.shards is not None else 1
+    # A stream's order is not exact on resume anyway (tfdp/stream.py).
+    own_files = isinstance(train_split, Split) and train_split.shards is not None
+    pipelines = cluster.input_pipeline(strategy)[1] if own_files else 1
     checkpoint = make_checkpoint(model, optimizer, pipelines, loss_scale)
     manager = tf.train.CheckpointManager(checkpoint, os.path.join(write_dir, "checkpoints"),
                                          max_to_keep=cfg.keep_checkpoints)
@@ -206,7 +208,7 @@ def _train_in(cfg: Config, strategy, model_dir: str, write_dir: str, callbacks, 
     peak = machine_peak_flops(strategy, compute_dtype)
     say(f"model: {num_params:,} parameters, {fpt / 1e6:.2f} MFLOPs/token; "
         f"data: {_describe(train_split)} / {val_split.num_windows:,} val windows "
-        f"{'(this worker: whole shard files) ' if train_split.shards is not None else ''}"
+        f"{'(this worker: whole shard files) ' if own_files else ''}"
         f"of {cfg.seq_len + 1} {manifest['tokenizer']} tokens; "
         f"measured {compute_dtype.name} matmul peak "
         f"{peak / 1e9:.1f} GFLOP/s")

@@ -46,8 +46,6 @@ class TextStream:
     data.tfds_text.TfdsText) through `tokenizer`; `dataset_fn` is what the
     training loop asks for."""
 
-    shards = None  # not made of token shard files (see tfdp.run)
-
     def __init__(self, source, split: str, tokenizer, seq_len: int,
                  shuffle_windows: int = SHUFFLE_WINDOWS):
         self.source, self.split, self.tokenizer, self.seq_len = source, split, tokenizer, seq_len

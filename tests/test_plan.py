@@ -169,6 +169,36 @@ def test_bad_input_is_one_line_exit_2(args, says):
     assert len(lines) == 1 and lines[0].startswith("tfdp-plan: error: ") and says in lines[0]
 
 
+def test_overhead_of_a_large_model_is_extrapolated_per_parameter(monkeypatch):
+    """Over OVERHEAD_MAX_PARAMS, calibration times two narrower models of the
+    planned depth and extends their line in the parameter count; below it,
+    the planned model itself. Fake timings linear in the parameters (plus an
+    all-reduce the overhead must leave out) must come back exactly."""
+    from tfdp import calibrate
+
+    timed = []
+
+    def fake_step(cfg, vocab, strategy, replicas, jit):
+        shape = plan.Shape(cfg.num_layers, cfg.num_heads, cfg.hidden_dim,
+                           cfg.intermediate_dim, vocab, cfg.seq_len)
+        timed.append(plan.count_params(shape))
+        return 0.004 + 2e-9 * timed[-1] + 1e-9 * plan.gradient_bytes(shape)
+
+    monkeypatch.setattr(calibrate, "_fixed_probe", fake_step)
+    monkeypatch.setattr(calibrate, "_allreduce_seconds", lambda strategy, nbytes: 1e-9 * nbytes)
+    big = plan.Shape(12, 12, 768, 3072, 50257, 1024)  # GPT-2 small, 124M parameters
+    n = plan.count_params(big)
+    assert n > calibrate.OVERHEAD_MAX_PARAMS
+    overhead = calibrate._overhead(big, "off", None, 2, True)
+    assert len(timed) == 2 and max(timed) <= calibrate.OVERHEAD_MAX_PARAMS
+    assert overhead == pytest.approx(0.004 + 2e-9 * n)
+    timed.clear()
+    small = plan.Shape()
+    assert calibrate._overhead(small, "off", None, 1, True) == pytest.approx(
+        0.004 + 2e-9 * plan.count_params(small) + 1e-9 * plan.gradient_bytes(small))
+    assert timed == [plan.count_params(small)]  # one replica: no all-reduce to leave out
+
+
 @pytest.mark.slow
 def test_calibrated_cpu_plan():
     result = run_cli("tfdp-plan", "--device=cpu", "--num_layers=2", "--hidden_dim=64",

@@ -7,16 +7,24 @@
                   XLA setting, on the worker's own replicas: its FLOPs / time
                   / peak. (The layers are alike, so two show their rate.)
   step_cv         the spread (standard deviation / mean) of those times
-  alone_fixed_s   the fixed cost of that one replica's step alone (one_device)
+  alone_fixed_s   fixed_step_s of one replica's step alone (one_device)
   contention      multi-worker: that probe on both workers at once over the
                   chief's alone (what two busy workers cost each other); a
                   CPU's logical replicas: their probe over one replica doing
-                  their whole micro-batch (then `efficiency` is that one's)
+                  their whole micro-batch (then `efficiency` is that one's).
+                  The two are timed in alternating rounds, so that a drift
+                  of the machine's speed falls on both alike.
   fixed_step_s    tfdp's whole train step (tfdp.step.make_train_step with
-                  AdamW, one all-reduce, the host call) for a model of the
-                  planned depth and the smallest width: its compute is
-                  nil, what remains is per-step and per-variable overhead,
-                  less the all-reduce latency counted separately
+                  AdamW, one all-reduce, the host call) for the planned model
+                  fed windows of OVERHEAD_WINDOW tokens, so that its compute
+                  is nil (well under 1% of it for the default model), less
+                  the all-reduce of its gradients, which the plan counts
+                  separately: the host loop, the dispatch of every
+                  variable's ops, clipping, packing the gradients and the
+                  AdamW update, which grow with the parameters. A model over
+                  OVERHEAD_MAX_PARAMS is timed at its depth and two smaller
+                  widths instead, and the cost extrapolated linearly in the
+                  parameter count.
   intra_*         a timed all-reduce between the worker's replicas of a
                   4-byte and of a gradient-sized float32 buffer: latency and
                   bandwidth of the ring formula
@@ -24,8 +32,10 @@
                   MultiWorkerMirroredStrategy over gRPC, started like
                   tfdp-launch (only when the plan has several workers)
   framework_bytes the process's resident memory with TensorFlow, keras-hub
-                  and the depth's compiled step loaded, before the model's
-                  own tensors (CPU; on GPUs the preset's figure stays)
+                  and the planned model's compiled step loaded (the
+                  fixed_step_s probe), less that model's weights, gradients
+                  and moments, which the plan counts itself (CPU; on GPUs
+                  the preset's figure stays)
 
 A CPU worker pinned to `cpu_threads` cores (as tfdp-launch
 --cpu_threads_per_worker does) is calibrated on that many cores. No absl
@@ -45,6 +55,9 @@ import time
 from tfdp.errors import UserError
 
 SMALL_BYTES = 4  # one float: the all-reduce's latency
+OVERHEAD_WINDOW = 8  # tokens per window when timing a step's overhead
+OVERHEAD_MAX_PARAMS = 20_000_000  # larger models: timed narrower, extrapolated
+ROUNDS = 6  # alternating rounds of the job's probe and the one-replica probe
 
 
 def rss_bytes() -> float:
@@ -65,10 +78,11 @@ def pin_threads(threads: int) -> None:
     tf.config.threading.set_inter_op_parallelism_threads(threads)
 
 
-def _times(fn, seconds: float = 2.0, least: int = 5) -> list[float]:
+def _times(fn, seconds: float = 2.0, least: int = 5, warmup: int = 2) -> list[float]:
     """Seconds of each call of `fn()` (which must block) for about `seconds`,
-    after two warm-up calls."""
-    fn(), fn()
+    after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
     times, deadline = [], time.perf_counter() + seconds
     while len(times) < least or time.perf_counter() < deadline:
         began = time.perf_counter()
@@ -103,6 +117,18 @@ def _allreduce_fn(strategy, nbytes: int):
             return tf.distribute.get_replica_context().all_reduce("SUM", tf.ones([size]))
         return strategy.experimental_local_results(strategy.run(send))[0][0]
     return lambda: float(reduce())
+
+
+def _alternating(fns, rounds: int = ROUNDS, seconds: float = 0.6) -> list[list[float]]:
+    """Each call's seconds of every `fns` (blocking calls), timed in turn for
+    `rounds` rounds of about `seconds` each after two warm-up calls."""
+    for fn in fns:
+        fn(), fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(rounds):
+        for fn, out in zip(fns, times):
+            out.extend(_times(fn, seconds, least=3, warmup=0))
+    return times
 
 
 def _allreduce_seconds(strategy, nbytes: int, calls: int = 20) -> float:
@@ -190,21 +216,19 @@ def measure_worker(job, device: str, log=lambda *_: None, multi_worker: bool = F
     measured["peak_flops"] = measure_matmul_flops(first, size=4096 if gpus else 1024,
                                                   dtype=dtype, seconds=1.5)
 
-    # Fixed per-step cost: tfdp's whole step for the planned depth at width 2*heads.
     heads = shape.num_heads
-    tiny = _model_cfg(shape, shape.num_layers, 2 * heads, heads, 4, replicas,
-                      job.mixed_precision)
-    log(f"calibrating: per-step overhead of a {shape.num_layers}-layer step ...")
-    fixed = _fixed_probe(tiny, strategy, replicas, jit)
+    log(f"calibrating: per-step overhead of the {shape.num_layers}-layer model's step ...")
     t_small = _allreduce_seconds(strategy, SMALL_BYTES) if replicas > 1 else 0.0
     if replicas > 1:
         t_big = _allreduce_seconds(strategy, grad_bytes)
         bandwidth, latency = _ring_fit(t_small, t_big, grad_bytes, replicas)
         where = "inter" if multi_worker else "intra"
         measured[f"{where}_bandwidth"], measured[f"{where}_latency_s"] = bandwidth, latency
-    measured["fixed_step_s"] = max(fixed - t_small, 0.0)  # the latency is the all-reduce's
+    measured["fixed_step_s"] = _overhead(shape, job.mixed_precision, strategy, replicas, jit)
     if not gpus:
-        measured["framework_bytes"] = rss_bytes()
+        n = plan.count_params(shape)
+        probed = 16.0 * n * local if n <= OVERHEAD_MAX_PARAMS else 0.0  # see _overhead
+        measured["framework_bytes"] = max(rss_bytes() - probed, 0.0)
         measured["memory_bytes"] = plan.machine_memory_bytes()
 
     # Efficiency: forward and backward of min(L, 2) real layers on every local
@@ -217,40 +241,88 @@ def measure_worker(job, device: str, log=lambda *_: None, multi_worker: bool = F
     one_device = tf.distribute.OneDeviceStrategy(first)
     run = _probe(probe, shape.vocab_size, one_device if multi_worker else strategy,
                  job.micro_batch, jit)
-    times = _times(run)
-    seconds = statistics.median(times)
     probe_job = plan.Job(plan.Shape(layers, heads, shape.hidden_dim, shape.intermediate_dim,
                                     shape.vocab_size, shape.seq_len),
                          job.micro_batch * local, job.mixed_precision, 1, 1, local)
     flops = plan.step_flops(probe_job) / local * (1 if gpus else local)
-    measured["efficiency"] = flops / (seconds * measured["peak_flops"])
-    measured["step_cv"] = statistics.pstdev(times) / statistics.mean(times)
     if multi_worker:
-        # Then the chief alone, the other worker waiting in an all-reduce:
-        # the ratio is what two busy workers cost each other (contention).
+        # Rounds of both workers computing, then the chief alone (the other
+        # waiting in an all-reduce): the ratio is what two busy workers cost
+        # each other (contention).
         barrier = _allreduce_fn(strategy, SMALL_BYTES)
+        run(), run()
+        times, alone_times = [], []
+        for _ in range(ROUNDS):
+            barrier()
+            times += _times(run, 0.6, least=3, warmup=0)
+            barrier()
+            if is_chief(strategy):
+                alone_times += _times(run, 0.6, least=3, warmup=0)
         barrier()
         if is_chief(strategy):
-            measured["alone_s"] = statistics.median(_times(run))
-            measured["alone_fixed_s"] = _fixed_probe(
-                dataclasses.replace(tiny, global_batch_size=1), one_device, 1, jit)
+            measured["alone_s"] = statistics.median(alone_times)
+            measured["alone_fixed_s"] = _overhead(shape, job.mixed_precision, one_device, 1, jit)
         barrier()
-        measured["together_s"] = seconds
+        measured["together_s"] = statistics.median(times)
     elif local > 1 and not gpus:
         # A CPU's logical replicas share its cores: the reference is one
         # replica doing the worker's whole micro-batch on all of them.
         log("calibrating: the same work as one replica ...")
-        alone = statistics.median(_times(_probe(probe, shape.vocab_size, one_device,
-                                                job.micro_batch * local, jit)))
-        measured["efficiency"] = flops / (alone * measured["peak_flops"])
-        measured["contention"] = seconds / alone
-        measured["alone_fixed_s"] = _fixed_probe(tiny, one_device, 1, jit)
+        alone_run = _probe(probe, shape.vocab_size, one_device, job.micro_batch * local, jit)
+        times, alone_times = _alternating([run, alone_run])
+        alone = statistics.median(alone_times)
+        measured["contention"] = statistics.median(times) / alone
+        measured["alone_fixed_s"] = _overhead(shape, job.mixed_precision, one_device, 1, jit)
+    else:
+        times = _times(run)
+        alone = statistics.median(times)
+    # Multi-worker: the rate while both compute (tfdp.calibrate.loopback
+    # turns it into the chief's alone).
+    seconds = statistics.median(times) if multi_worker else alone
+    measured["efficiency"] = flops / (seconds * measured["peak_flops"])
+    measured["step_cv"] = statistics.pstdev(times) / statistics.mean(times)
     return measured
 
 
-def _fixed_probe(tiny, strategy, replicas: int, jit: bool) -> float:
+def _overhead(shape, mixed_precision: str, strategy, replicas: int, jit: bool) -> float:
+    """Seconds of tfdp's whole train step that are neither forward/backward
+    nor the gradients' all-reduce (fixed_step_s in the module doc): the
+    planned model's step on windows of OVERHEAD_WINDOW tokens, less its
+    all-reduce; over OVERHEAD_MAX_PARAMS, a line through two narrower
+    models of the same depth, in the parameter count."""
+    from tfdp import plan
+
+    def at(s) -> float:
+        cfg = _model_cfg(s, s.num_layers, s.hidden_dim, s.num_heads, s.intermediate_dim,
+                         replicas, mixed_precision)
+        step = _fixed_probe(cfg, s.vocab_size, strategy, replicas, jit)
+        reduce = (_allreduce_seconds(strategy, int(plan.gradient_bytes(s)))
+                  if replicas > 1 else 0.0)
+        return max(step - reduce, 0.0)
+
+    n = plan.count_params(shape)
+    if n <= OVERHEAD_MAX_PARAMS:
+        return at(shape)
+    heads = shape.num_heads
+    ratio = shape.intermediate_dim / shape.hidden_dim
+
+    def narrowed(per_head: int):
+        return dataclasses.replace(shape, hidden_dim=heads * per_head,
+                                   intermediate_dim=max(int(heads * per_head * ratio), 1))
+    per_head = shape.hidden_dim // heads
+    while per_head > 2 and plan.count_params(narrowed(per_head)) > OVERHEAD_MAX_PARAMS:
+        per_head = max(per_head * 3 // 4, 2)
+    small, wide = narrowed(1), narrowed(per_head)
+    t_small, t_wide = at(small), at(wide)
+    n_small, n_wide = plan.count_params(small), plan.count_params(wide)
+    slope = max(t_wide - t_small, 0.0) / max(n_wide - n_small, 1)
+    return t_wide + slope * (n - n_wide)
+
+
+def _fixed_probe(cfg, vocab: int, strategy, replicas: int, jit: bool) -> float:
     """Median seconds of tfdp's whole train step (make_train_step, AdamW, the
-    host call) for the minimal-width model `tiny` under `strategy`."""
+    host call) for `cfg`'s model under `strategy`, one window of
+    OVERHEAD_WINDOW tokens per replica."""
     import tensorflow as tf
 
     from tfdp.model import build_model
@@ -258,11 +330,11 @@ def _fixed_probe(tiny, strategy, replicas: int, jit: bool) -> float:
     from tfdp.step import make_train_step
 
     with strategy.scope():
-        model = build_model(tiny, 8)
-        optimizer = build_optimizer(tiny, model.trainable_variables)
-    step = make_train_step(strategy, model, optimizer, replicas, tiny.seq_len,
-                           tiny.clip_norm, jit)
-    data = tf.data.Dataset.from_tensor_slices(_windows(replicas, tiny.seq_len, 8))
+        model = build_model(cfg, vocab)
+        optimizer = build_optimizer(cfg, model.trainable_variables)
+    step = make_train_step(strategy, model, optimizer, replicas, OVERHEAD_WINDOW,
+                           cfg.clip_norm, jit)
+    data = tf.data.Dataset.from_tensor_slices(_windows(replicas, OVERHEAD_WINDOW, vocab))
     iterator = iter(strategy.distribute_datasets_from_function(
         lambda ctx: data.repeat().batch(ctx.get_per_replica_batch_size(replicas))))
     return _fixed_calls(lambda: float(step(iterator)["loss"][-1]))

@@ -21,8 +21,11 @@ the all-reduce is not overlapped with compute). So
   all-reduce = ring: 2(R-1)/R * G / bandwidth + 2(R-1) * latency
                G = 4 bytes * parameters (+ the loss and stop flag);
                hierarchical when W > 1 and D > 1 (see `allreduce_seconds`)
-  fixed      = the step's cost that grows with neither FLOPs nor bytes
-               (host loop, dispatch of the per-variable optimizer ops)
+  fixed      = the rest of the step: the host loop, the dispatch of every
+               variable's ops, clipping and the AdamW update (which grow
+               with the parameter count, not with the batch); --calibrate
+               times the planned model's step on windows too short to
+               compute, less its all-reduce
   wait       = e(n) * cv * (compute + fixed): synchronous replicas wait
                every step for the slowest of n independent ones (workers on
                a CPU, devices on GPUs). With step times of relative spread cv
@@ -149,9 +152,11 @@ class Hardware:
       reports 46.2% model FLOPs utilisation, Chowdhery et al. 2022,
       table 3); small models get less. --calibrate times this model's own
       forward and backward instead.
-    fixed_step_s: per-step cost independent of FLOPs and bytes. Preset 5 ms
-      (TensorFlow's dispatch of a step's ops, the host loop); measured with
-      --calibrate as the step time of a same-depth, minimal-width model.
+    fixed_step_s: per-step cost independent of the batch. Preset 5 ms
+      (TensorFlow's dispatch of a step's ops, the host loop; a GPU's AdamW
+      update of a small model is far less); measured with --calibrate as
+      the planned model's step on windows too short to compute, less its
+      all-reduce (on a CPU the update of every parameter counts too).
     Bandwidths are bytes/s one way per link; latencies are per ring hop.
     framework_bytes: the process's (CPU) or device's (GPU) memory before
       the model's own tensors.

@@ -4,9 +4,11 @@
 For each case, `tfdp-plan --calibrate --json` predicts (calibrating on this
 machine as the case's workers will run), then `tfdp-train` trains the
 default model (4 layers, width 128, byte vocabulary, context 128) on the
-stdlib corpus for `--steps` steps and its metrics.json gives the measured
-mean step time (the first, compiling call left out) and the chief's peak
-resident memory (peak_host_memory_gib). Cases:
+stdlib corpus for `--steps` steps, and so does the case's reference,
+alternating for `--rounds` rounds; metrics.json gives each run's mean
+step time (the first, compiling call left out; the median over rounds is
+taken) and the chief's peak resident memory (peak_host_memory_gib, the
+largest). Cases:
 
   1 worker   tfdp-train's default: MirroredStrategy over the CPU split
              into 2 logical replicas sharing both cores
@@ -22,7 +24,7 @@ resident memory (peak_host_memory_gib). Cases:
              / (2 x tokens/s of 1 process pinned to one core at the same
              per-replica batch).
 
-    python benchmarks/plan_vs_measured.py            # ~10 minutes on 2 cores
+    python benchmarks/plan_vs_measured.py            # ~20 minutes on 2 idle cores
     python benchmarks/plan_vs_measured.py --steps 20 --cases 1w:8,2w:12
 """
 

@@ -34,11 +34,18 @@ the all-reduce is not overlapped with compute). So
                standard normals (1/sqrt(pi) = 0.56 for 2, 1.03 for 4, 1.42
                for 8; computed with Blom's approximation beyond 2, within 3%).
 
-  efficiency = (compute / contention + fixed alone) / step time: one
-               replica's step alone (its fixed cost measured by --calibrate
-               under a one-device strategy) over the job's, which is what
+  efficiency = (compute / contention + fixed alone) / step time: the
+               step of one replica doing the same work alone (its fixed
+               cost measured by --calibrate under a one-device strategy)
+               over the job's; 1 for a single replica. With a device per
+               replica that is weak-scaling efficiency, what
                benchmarks/weak_scaling.py measures (N workers' tokens/s over
-               N x one worker's alone); 1 for a single replica.
+               N x one worker's alone, at the same per-replica batch). A
+               CPU's logical replicas have no device of their own: "the
+               same work alone" is then one replica doing the worker's
+               whole batch on the same cores, and the ratio can exceed 1
+               (two smaller graphs side by side can fill the cores better
+               than one: contention < 1).
 
 Memory per replica (`memory_bytes`): float32 weights, gradients and AdamW's
 two moments (16 bytes/parameter; +4 for the accumulator with K > 1), the

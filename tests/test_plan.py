@@ -174,7 +174,7 @@ def test_overhead_of_a_large_model_is_extrapolated_per_parameter(monkeypatch):
     planned depth and extends their line in the parameter count; below it,
     the planned model itself. Fake timings linear in the parameters (plus an
     all-reduce the overhead must leave out) must come back exactly."""
-    from tfdp import calibrate
+    from tfdp import probes
 
     timed = []
 
@@ -184,17 +184,17 @@ def test_overhead_of_a_large_model_is_extrapolated_per_parameter(monkeypatch):
         timed.append(plan.count_params(shape))
         return 0.004 + 2e-9 * timed[-1] + 1e-9 * plan.gradient_bytes(shape)
 
-    monkeypatch.setattr(calibrate, "_fixed_probe", fake_step)
-    monkeypatch.setattr(calibrate, "_allreduce_seconds", lambda strategy, nbytes: 1e-9 * nbytes)
+    monkeypatch.setattr(probes, "whole_step", fake_step)
+    monkeypatch.setattr(probes, "allreduce_seconds", lambda strategy, nbytes: 1e-9 * nbytes)
     big = plan.Shape(12, 12, 768, 3072, 50257, 1024)  # GPT-2 small, 124M parameters
     n = plan.count_params(big)
-    assert n > calibrate.OVERHEAD_MAX_PARAMS
-    overhead = calibrate._overhead(big, "off", None, 2, True)
-    assert len(timed) == 2 and max(timed) <= calibrate.OVERHEAD_MAX_PARAMS
+    assert n > probes.OVERHEAD_MAX_PARAMS
+    overhead = probes.step_overhead(big, "off", None, 2, True)
+    assert len(timed) == 2 and max(timed) <= probes.OVERHEAD_MAX_PARAMS
     assert overhead == pytest.approx(0.004 + 2e-9 * n)
     timed.clear()
     small = plan.Shape()
-    assert calibrate._overhead(small, "off", None, 1, True) == pytest.approx(
+    assert probes.step_overhead(small, "off", None, 1, True) == pytest.approx(
         0.004 + 2e-9 * plan.count_params(small) + 1e-9 * plan.gradient_bytes(small))
     assert timed == [plan.count_params(small)]  # one replica: no all-reduce to leave out
 

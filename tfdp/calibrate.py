@@ -16,13 +16,13 @@
                   of the machine's speed falls on both alike.
   fixed_step_s    tfdp's whole train step (tfdp.step.make_train_step with
                   AdamW, one all-reduce, the host call) for the planned model
-                  fed windows of OVERHEAD_WINDOW tokens, so that its compute
+                  fed windows of 8 tokens (tfdp.probes), so that its compute
                   is nil (well under 1% of it for the default model), less
                   the all-reduce of its gradients, which the plan counts
                   separately: the host loop, the dispatch of every
                   variable's ops, clipping, packing the gradients and the
                   AdamW update, which grow with the parameters. A model over
-                  OVERHEAD_MAX_PARAMS is timed at its depth and two smaller
+                  20M parameters is timed at its depth and two smaller
                   widths instead, and the cost extrapolated linearly in the
                   parameter count.
   intra_*         a timed all-reduce between the worker's replicas of a
@@ -52,12 +52,8 @@ import statistics
 import sys
 import time
 
+from tfdp import probes
 from tfdp.errors import UserError
-
-SMALL_BYTES = 4  # one float: the all-reduce's latency
-OVERHEAD_WINDOW = 8  # tokens per window when timing a step's overhead
-OVERHEAD_MAX_PARAMS = 20_000_000  # larger models: timed narrower, extrapolated
-ROUNDS = 6  # alternating rounds of the job's probe and the one-replica probe
 
 
 def rss_bytes() -> float:
@@ -78,84 +74,12 @@ def pin_threads(threads: int) -> None:
     tf.config.threading.set_inter_op_parallelism_threads(threads)
 
 
-def _times(fn, seconds: float = 2.0, least: int = 5, warmup: int = 2) -> list[float]:
-    """Seconds of each call of `fn()` (which must block) for about `seconds`,
-    after `warmup` calls."""
-    for _ in range(warmup):
-        fn()
-    times, deadline = [], time.perf_counter() + seconds
-    while len(times) < least or time.perf_counter() < deadline:
-        began = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - began)
-    return times
-
-
-def _fixed_calls(fn, calls: int = 15) -> float:
-    """Median seconds of `calls` calls after three warm-up calls: a fixed
-    count, since in a multi-worker job every worker must make the same
-    collectives."""
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(calls):
-        began = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - began)
-    return statistics.median(times)
-
-
-def _allreduce_fn(strategy, nbytes: int):
-    """A blocking call: one SUM all-reduce of a float32 buffer of `nbytes`."""
-    import tensorflow as tf
-
-    size = max(nbytes // 4, 1)
-
-    @tf.function
-    def reduce():
-        def send():
-            return tf.distribute.get_replica_context().all_reduce("SUM", tf.ones([size]))
-        return strategy.experimental_local_results(strategy.run(send))[0][0]
-    return lambda: float(reduce())
-
-
-def _alternating(fns, rounds: int = ROUNDS, seconds: float = 0.6) -> list[list[float]]:
-    """Each call's seconds of every `fns` (blocking calls), timed in turn for
-    `rounds` rounds of about `seconds` each after two warm-up calls."""
-    for fn in fns:
-        fn(), fn()
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(rounds):
-        for fn, out in zip(fns, times):
-            out.extend(_times(fn, seconds, least=3, warmup=0))
-    return times
-
-
-def _allreduce_seconds(strategy, nbytes: int, calls: int = 20) -> float:
-    """Median seconds of that all-reduce over a fixed number of calls (every
-    worker must make the same ones)."""
-    return _fixed_calls(_allreduce_fn(strategy, nbytes), calls)
-
-
 def _ring_fit(t_small: float, t_big: float, nbytes: float, n: int) -> tuple[float, float]:
     """(bandwidth bytes/s, latency s per hop) so that plan.ring_allreduce_seconds
     gives t_small for 4 bytes and t_big for `nbytes` over n members."""
     latency = t_small / (2 * (n - 1))
     extra = max(t_big - t_small, 1e-9)
     return 2.0 * (n - 1) / n * nbytes / extra, latency
-
-
-def _model_cfg(shape, layers: int, hidden: int, heads: int, intermediate: int,
-               batch: int, mixed_precision: str):
-    from tfdp.config import Config
-    return Config(num_layers=layers, num_heads=heads, hidden_dim=hidden,
-                  intermediate_dim=intermediate, seq_len=shape.seq_len,
-                  global_batch_size=batch, mixed_precision=mixed_precision)
-
-
-def _windows(batch: int, seq_len: int, vocab: int):
-    import tensorflow as tf
-    return tf.random.stateless_uniform([batch, seq_len + 1], [1, 2], 0, vocab, tf.int32)
 
 
 def calibrate(job, device: str, cpu_threads: int = 0, log=print) -> dict:
@@ -216,31 +140,31 @@ def measure_worker(job, device: str, log=lambda *_: None, multi_worker: bool = F
     measured["peak_flops"] = measure_matmul_flops(first, size=4096 if gpus else 1024,
                                                   dtype=dtype, seconds=1.5)
 
-    heads = shape.num_heads
-    log(f"calibrating: per-step overhead of the {shape.num_layers}-layer model's step ...")
-    t_small = _allreduce_seconds(strategy, SMALL_BYTES) if replicas > 1 else 0.0
     if replicas > 1:
-        t_big = _allreduce_seconds(strategy, grad_bytes)
+        t_small = probes.allreduce_seconds(strategy, probes.SMALL_BYTES)
+        t_big = probes.allreduce_seconds(strategy, grad_bytes)
         bandwidth, latency = _ring_fit(t_small, t_big, grad_bytes, replicas)
         where = "inter" if multi_worker else "intra"
         measured[f"{where}_bandwidth"], measured[f"{where}_latency_s"] = bandwidth, latency
-    measured["fixed_step_s"] = _overhead(shape, job.mixed_precision, strategy, replicas, jit)
+    log(f"calibrating: per-step overhead of the {shape.num_layers}-layer model's step ...")
+    measured["fixed_step_s"] = probes.step_overhead(shape, job.mixed_precision, strategy,
+                                                    replicas, jit)
     if not gpus:
-        n = plan.count_params(shape)
-        probed = 16.0 * n * local if n <= OVERHEAD_MAX_PARAMS else 0.0  # see _overhead
+        n = plan.count_params(shape)  # the state step_overhead's model holds:
+        probed = 16.0 * n * local if n <= probes.OVERHEAD_MAX_PARAMS else 0.0
         measured["framework_bytes"] = max(rss_bytes() - probed, 0.0)
         measured["memory_bytes"] = plan.machine_memory_bytes()
 
     # Efficiency: forward and backward of min(L, 2) real layers on every local
     # replica (a multi-worker job: on this worker's one replica, no collectives).
-    layers = min(shape.num_layers, 2)
-    probe = _model_cfg(shape, layers, shape.hidden_dim, heads, shape.intermediate_dim,
-                       job.micro_batch * local, job.mixed_precision)
+    layers, heads = min(shape.num_layers, 2), shape.num_heads
+    probe = probes.model_cfg(shape, layers, shape.hidden_dim, heads, shape.intermediate_dim,
+                             job.micro_batch * local, job.mixed_precision)
     log(f"calibrating: forward and backward of {layers} layer(s), micro-batch "
         f"{job.micro_batch} x {local} replica(s) ...")
     one_device = tf.distribute.OneDeviceStrategy(first)
-    run = _probe(probe, shape.vocab_size, one_device if multi_worker else strategy,
-                 job.micro_batch, jit)
+    run = probes.forward_backward(probe, shape.vocab_size,
+                                  one_device if multi_worker else strategy, job.micro_batch, jit)
     probe_job = plan.Job(plan.Shape(layers, heads, shape.hidden_dim, shape.intermediate_dim,
                                     shape.vocab_size, shape.seq_len),
                          job.micro_batch * local, job.mixed_precision, 1, 1, local)
@@ -249,32 +173,35 @@ def measure_worker(job, device: str, log=lambda *_: None, multi_worker: bool = F
         # Rounds of both workers computing, then the chief alone (the other
         # waiting in an all-reduce): the ratio is what two busy workers cost
         # each other (contention).
-        barrier = _allreduce_fn(strategy, SMALL_BYTES)
+        barrier = probes.allreduce_fn(strategy, probes.SMALL_BYTES)
         run(), run()
         times, alone_times = [], []
-        for _ in range(ROUNDS):
+        for _ in range(probes.ROUNDS):
             barrier()
-            times += _times(run, 0.6, least=3, warmup=0)
+            times += probes.timed_calls(run, 0.6, least=3, warmup=0)
             barrier()
             if is_chief(strategy):
-                alone_times += _times(run, 0.6, least=3, warmup=0)
+                alone_times += probes.timed_calls(run, 0.6, least=3, warmup=0)
         barrier()
         if is_chief(strategy):
             measured["alone_s"] = statistics.median(alone_times)
-            measured["alone_fixed_s"] = _overhead(shape, job.mixed_precision, one_device, 1, jit)
+            measured["alone_fixed_s"] = probes.step_overhead(shape, job.mixed_precision,
+                                                             one_device, 1, jit)
         barrier()
         measured["together_s"] = statistics.median(times)
     elif local > 1 and not gpus:
         # A CPU's logical replicas share its cores: the reference is one
         # replica doing the worker's whole micro-batch on all of them.
         log("calibrating: the same work as one replica ...")
-        alone_run = _probe(probe, shape.vocab_size, one_device, job.micro_batch * local, jit)
-        times, alone_times = _alternating([run, alone_run])
+        alone_run = probes.forward_backward(probe, shape.vocab_size, one_device,
+                                            job.micro_batch * local, jit)
+        times, alone_times = probes.alternating([run, alone_run])
         alone = statistics.median(alone_times)
         measured["contention"] = statistics.median(times) / alone
-        measured["alone_fixed_s"] = _overhead(shape, job.mixed_precision, one_device, 1, jit)
+        measured["alone_fixed_s"] = probes.step_overhead(shape, job.mixed_precision,
+                                                         one_device, 1, jit)
     else:
-        times = _times(run)
+        times = probes.timed_calls(run)
         alone = statistics.median(times)
     # Multi-worker: the rate while both compute (tfdp.calibrate.loopback
     # turns it into the chief's alone).
@@ -282,92 +209,6 @@ def measure_worker(job, device: str, log=lambda *_: None, multi_worker: bool = F
     measured["efficiency"] = flops / (seconds * measured["peak_flops"])
     measured["step_cv"] = statistics.pstdev(times) / statistics.mean(times)
     return measured
-
-
-def _overhead(shape, mixed_precision: str, strategy, replicas: int, jit: bool) -> float:
-    """Seconds of tfdp's whole train step that are neither forward/backward
-    nor the gradients' all-reduce (fixed_step_s in the module doc): the
-    planned model's step on windows of OVERHEAD_WINDOW tokens, less its
-    all-reduce; over OVERHEAD_MAX_PARAMS, a line through two narrower
-    models of the same depth, in the parameter count."""
-    from tfdp import plan
-
-    def at(s) -> float:
-        cfg = _model_cfg(s, s.num_layers, s.hidden_dim, s.num_heads, s.intermediate_dim,
-                         replicas, mixed_precision)
-        step = _fixed_probe(cfg, s.vocab_size, strategy, replicas, jit)
-        reduce = (_allreduce_seconds(strategy, int(plan.gradient_bytes(s)))
-                  if replicas > 1 else 0.0)
-        return max(step - reduce, 0.0)
-
-    n = plan.count_params(shape)
-    if n <= OVERHEAD_MAX_PARAMS:
-        return at(shape)
-    heads = shape.num_heads
-    ratio = shape.intermediate_dim / shape.hidden_dim
-
-    def narrowed(per_head: int):
-        return dataclasses.replace(shape, hidden_dim=heads * per_head,
-                                   intermediate_dim=max(int(heads * per_head * ratio), 1))
-    per_head = shape.hidden_dim // heads
-    while per_head > 2 and plan.count_params(narrowed(per_head)) > OVERHEAD_MAX_PARAMS:
-        per_head = max(per_head * 3 // 4, 2)
-    small, wide = narrowed(1), narrowed(per_head)
-    t_small, t_wide = at(small), at(wide)
-    n_small, n_wide = plan.count_params(small), plan.count_params(wide)
-    slope = max(t_wide - t_small, 0.0) / max(n_wide - n_small, 1)
-    return t_wide + slope * (n - n_wide)
-
-
-def _fixed_probe(cfg, vocab: int, strategy, replicas: int, jit: bool) -> float:
-    """Median seconds of tfdp's whole train step (make_train_step, AdamW, the
-    host call) for `cfg`'s model under `strategy`, one window of
-    OVERHEAD_WINDOW tokens per replica."""
-    import tensorflow as tf
-
-    from tfdp.model import build_model
-    from tfdp.optimizer import build_optimizer
-    from tfdp.step import make_train_step
-
-    with strategy.scope():
-        model = build_model(cfg, vocab)
-        optimizer = build_optimizer(cfg, model.trainable_variables)
-    step = make_train_step(strategy, model, optimizer, replicas, OVERHEAD_WINDOW,
-                           cfg.clip_norm, jit)
-    data = tf.data.Dataset.from_tensor_slices(_windows(replicas, OVERHEAD_WINDOW, vocab))
-    iterator = iter(strategy.distribute_datasets_from_function(
-        lambda ctx: data.repeat().batch(ctx.get_per_replica_batch_size(replicas))))
-    return _fixed_calls(lambda: float(step(iterator)["loss"][-1]))
-
-
-def _probe(cfg, vocab: int, strategy, batch: int, jit: bool):
-    """A blocking call: forward and backward of `cfg`'s model on every
-    replica of `strategy`, `batch` windows each (no collectives)."""
-    import tensorflow as tf
-
-    from tfdp.model import build_model
-    from tfdp.step import _token_losses
-
-    with strategy.scope():
-        model = build_model(cfg, vocab)
-    variables = model.trainable_variables
-
-    @tf.function(jit_compile=jit)
-    def forward_backward(windows):
-        with tf.GradientTape() as tape:
-            loss = tf.reduce_mean(_token_losses(model, windows, training=True))
-        return loss, tape.gradient(loss, variables)
-
-    def replica(windows):
-        loss, grads = forward_backward(windows)
-        return loss + tf.add_n([tf.reduce_sum(g) for g in grads])  # needs every gradient
-
-    windows = _windows(batch, cfg.seq_len, vocab)
-
-    @tf.function
-    def run():
-        return strategy.experimental_local_results(strategy.run(replica, args=(windows,)))[0]
-    return lambda: float(run())
 
 
 # ---------------------------------------------------------------- loopback

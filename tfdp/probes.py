@@ -1,0 +1,180 @@
+"""Timed pieces of tfdp's train step on this process's devices, for
+tfdp-plan --calibrate (tfdp/calibrate.py decides what to time and turns
+the times into the cost model's constants).
+
+Every timing is a median, of calls made for about so many seconds, or of a
+fixed number of calls where all workers of a multi-worker job must make
+the same collectives. The probes build tfdp's own model (tfdp.model),
+optimizer and step (tfdp.step), so what is timed is what tfdp-train runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+
+SMALL_BYTES = 4  # one float: the all-reduce's latency
+OVERHEAD_WINDOW = 8  # tokens per window when timing a step's overhead
+OVERHEAD_MAX_PARAMS = 20_000_000  # larger models: timed narrower, extrapolated
+ROUNDS = 6  # alternating rounds of the job's probe and the one-replica probe
+
+
+def timed_calls(fn, seconds: float = 2.0, least: int = 5, warmup: int = 2) -> list[float]:
+    """Seconds of each call of `fn()` (which must block) for about `seconds`,
+    after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    times, deadline = [], time.perf_counter() + seconds
+    while len(times) < least or time.perf_counter() < deadline:
+        began = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - began)
+    return times
+
+
+def fixed_calls(fn, calls: int = 15) -> float:
+    """Median seconds of `calls` calls after three warm-up calls: a fixed
+    count, since in a multi-worker job every worker must make the same
+    collectives."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(calls):
+        began = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - began)
+    return statistics.median(times)
+
+
+def alternating(fns, rounds: int = ROUNDS, seconds: float = 0.6) -> list[list[float]]:
+    """Each call's seconds of every `fns` (blocking calls), timed in turn for
+    `rounds` rounds of about `seconds` each after two warm-up calls."""
+    for fn in fns:
+        fn(), fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(rounds):
+        for fn, out in zip(fns, times):
+            out.extend(timed_calls(fn, seconds, least=3, warmup=0))
+    return times
+
+
+def allreduce_fn(strategy, nbytes: int):
+    """A blocking call: one SUM all-reduce of a float32 buffer of `nbytes`."""
+    import tensorflow as tf
+
+    size = max(nbytes // 4, 1)
+
+    @tf.function
+    def reduce():
+        def send():
+            return tf.distribute.get_replica_context().all_reduce("SUM", tf.ones([size]))
+        return strategy.experimental_local_results(strategy.run(send))[0][0]
+    return lambda: float(reduce())
+
+
+def allreduce_seconds(strategy, nbytes: int, calls: int = 20) -> float:
+    """Median seconds of that all-reduce over a fixed number of calls (every
+    worker must make the same ones)."""
+    return fixed_calls(allreduce_fn(strategy, nbytes), calls)
+
+
+def model_cfg(shape, layers: int, hidden: int, heads: int, intermediate: int,
+              batch: int, mixed_precision: str):
+    """A tfdp Config of the given shape at the planned context length."""
+    from tfdp.config import Config
+    return Config(num_layers=layers, num_heads=heads, hidden_dim=hidden,
+                  intermediate_dim=intermediate, seq_len=shape.seq_len,
+                  global_batch_size=batch, mixed_precision=mixed_precision)
+
+
+def random_windows(batch: int, seq_len: int, vocab: int):
+    """`batch` windows of seq_len + 1 random token ids (fixed seed)."""
+    import tensorflow as tf
+    return tf.random.stateless_uniform([batch, seq_len + 1], [1, 2], 0, vocab, tf.int32)
+
+
+def forward_backward(cfg, vocab: int, strategy, batch: int, jit: bool):
+    """A blocking call: forward and backward of `cfg`'s model on every
+    replica of `strategy`, `batch` windows each (no collectives)."""
+    import tensorflow as tf
+
+    from tfdp.model import build_model
+    from tfdp.step import _token_losses
+
+    with strategy.scope():
+        model = build_model(cfg, vocab)
+    variables = model.trainable_variables
+
+    @tf.function(jit_compile=jit)
+    def compute(windows):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(_token_losses(model, windows, training=True))
+        return loss, tape.gradient(loss, variables)
+
+    def replica(windows):
+        loss, grads = compute(windows)
+        return loss + tf.add_n([tf.reduce_sum(g) for g in grads])  # needs every gradient
+
+    windows = random_windows(batch, cfg.seq_len, vocab)
+
+    @tf.function
+    def run():
+        return strategy.experimental_local_results(strategy.run(replica, args=(windows,)))[0]
+    return lambda: float(run())
+
+
+def whole_step(cfg, vocab: int, strategy, replicas: int, jit: bool) -> float:
+    """Median seconds of tfdp's whole train step (make_train_step, AdamW, the
+    host call) for `cfg`'s model under `strategy`, one window of
+    OVERHEAD_WINDOW tokens per replica."""
+    import tensorflow as tf
+
+    from tfdp.model import build_model
+    from tfdp.optimizer import build_optimizer
+    from tfdp.step import make_train_step
+
+    with strategy.scope():
+        model = build_model(cfg, vocab)
+        optimizer = build_optimizer(cfg, model.trainable_variables)
+    step = make_train_step(strategy, model, optimizer, replicas, OVERHEAD_WINDOW,
+                           cfg.clip_norm, jit)
+    data = tf.data.Dataset.from_tensor_slices(random_windows(replicas, OVERHEAD_WINDOW, vocab))
+    iterator = iter(strategy.distribute_datasets_from_function(
+        lambda ctx: data.repeat().batch(ctx.get_per_replica_batch_size(replicas))))
+    return fixed_calls(lambda: float(step(iterator)["loss"][-1]))
+
+
+def step_overhead(shape, mixed_precision: str, strategy, replicas: int, jit: bool) -> float:
+    """Seconds of tfdp's whole train step that are neither forward/backward
+    nor the gradients' all-reduce (fixed_step_s in tfdp/calibrate.py): the
+    planned model's step on windows of OVERHEAD_WINDOW tokens, less its
+    all-reduce; over OVERHEAD_MAX_PARAMS, a line through two narrower
+    models of the same depth, in the parameter count."""
+    from tfdp import plan
+
+    def at(s) -> float:
+        cfg = model_cfg(s, s.num_layers, s.hidden_dim, s.num_heads, s.intermediate_dim,
+                        replicas, mixed_precision)
+        step = whole_step(cfg, s.vocab_size, strategy, replicas, jit)
+        reduce = (allreduce_seconds(strategy, int(plan.gradient_bytes(s)))
+                  if replicas > 1 else 0.0)
+        return max(step - reduce, 0.0)
+
+    n = plan.count_params(shape)
+    if n <= OVERHEAD_MAX_PARAMS:
+        return at(shape)
+    heads = shape.num_heads
+    ratio = shape.intermediate_dim / shape.hidden_dim
+
+    def narrowed(per_head: int):
+        return dataclasses.replace(shape, hidden_dim=heads * per_head,
+                                   intermediate_dim=max(int(heads * per_head * ratio), 1))
+    per_head = shape.hidden_dim // heads
+    while per_head > 2 and plan.count_params(narrowed(per_head)) > OVERHEAD_MAX_PARAMS:
+        per_head = max(per_head * 3 // 4, 2)
+    small, wide = narrowed(1), narrowed(per_head)
+    t_small, t_wide = at(small), at(wide)
+    n_small, n_wide = plan.count_params(small), plan.count_params(wide)
+    slope = max(t_wide - t_small, 0.0) / max(n_wide - n_small, 1)
+    return t_wide + slope * (n - n_wide)

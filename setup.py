@@ -1,12 +1,18 @@
 """tfdp: data-parallel training of GPT-style language models on TensorFlow."""
 
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+# The Dockerfile installs the dependencies from setup.py alone, so that a
+# README edit does not rebuild that layer: the README is optional here.
+README = Path(__file__).with_name("README.md")
 
 setup(
     name="tfdp",
     version="0.1.0",
     description="Data-parallel GPT training on TensorFlow 2.21, Keras 3 and keras-hub",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=README.read_text(encoding="utf-8") if README.exists() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["tfdp", "tfdp.*", "trainer", "trainer.*", "data", "data.*"]),

@@ -90,6 +90,10 @@ def train_cli(model_dir: Path, *flags: str, env=None):
     ({"steps_per_loop": 0}, "--steps_per_loop=0"),
     ({"mixed_precision": "fp8"}, "--mixed_precision='fp8'"),
     ({"preemption_grace_seconds": 0}, "--preemption_grace_seconds=0"),
+    ({"preempted_exit_code": 0}, "--preempted_exit_code=0"),
+    ({"preempted_exit_code": 3}, "--preempted_exit_code=3"),  # a lost worker's code
+    ({"preempted_exit_code": 256}, "--preempted_exit_code=256"),
+    ({"collective": "tree"}, "--collective='tree'"),
 ])
 def test_config_validate_rejects(overrides, flag):
     with pytest.raises(UserError) as err:
@@ -97,6 +101,10 @@ def test_config_validate_rejects(overrides, flag):
     message = str(err.value)
     assert flag in message
     assert "\n" not in message
+
+
+def test_config_validate_accepts_a_retryable_preempted_code():
+    assert Config(preempted_exit_code=138).validate().preempted_exit_code == 138
 
 
 def test_config_validate_accepts_defaults():

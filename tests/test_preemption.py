@@ -53,18 +53,20 @@ def _train_args(text_file, model_dir):
             "--eval_every=100000", "--checkpoint_every=100000", "--collective_timeout=60"]
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_sigterm_checkpoints_the_current_step_and_exits_75(tmp_path, text_file, workers):
+@pytest.mark.parametrize("workers, code", [(1, 75), (2, 138)])
+def test_sigterm_checkpoints_the_current_step_and_exits_75(tmp_path, text_file, workers, code):
+    """One worker with the default exit code; two (through tfdp-launch) with
+    --preempted_exit_code=138, Kubeflow's retryable code (deploy/k8s/tfjob.yaml)."""
     model_dir = tmp_path / "run"
     if workers == 1:
         cmd = [str(BIN / "tfdp-train"), *_train_args(text_file, model_dir)]
     else:
         cmd = [str(BIN / "tfdp-launch"), f"--num_workers={workers}", "--",
-               "tfdp-train", *_train_args(text_file, model_dir)]
+               "tfdp-train", *_train_args(text_file, model_dir), f"--preempted_exit_code={code}"]
     proc = _start(cmd, tmp_path)
     output, took, seen = _run_past(proc, r"step 5/", sigterm=True)
     assert seen, output[-3000:]
-    assert proc.returncode == 75, output[-3000:]
+    assert proc.returncode == code, output[-3000:]
     assert took < 30, took
     assert "Traceback" not in output
     stopped = re.search(r"error: stopped by SIGTERM after step (\d+), checkpoint saved", output)

@@ -23,8 +23,12 @@ def test_two_replicas_pass_in_process(mirrored):
     lines = []
     assert run_preflight("mirrored", 2, allreduce_mb=1, log=lines.append)
     assert lines[-1].startswith("preflight: passed")
-    (row,) = [line for line in lines if line.startswith("0 ")]
+    row, libraries = [line for line in lines if line.startswith("0 ")]
     assert "2 CPU" in row and "same" in row and " ok (max |dw|" in row
+    # The GPU table: none here, so no driver, cuDNN or NCCL either.
+    assert libraries.split() == ["0", "no", "GPU", "(CPU", "only)", "-", "-", "-"]
+    assert any(line.startswith("strategy: MirroredStrategy with 2 replica(s)") and
+               line.endswith("all-reduce: ReductionToOneDevice") for line in lines), lines
 
 
 def test_the_step_check_compares_with_one_replica(mirrored):
@@ -62,8 +66,10 @@ def test_a_worker_with_other_code_is_named(tmp_path):
     chief = outs[0][0]
     assert f"FAILED: worker 1 (127.0.0.1:{ports[1]}): code" in chief
     rows = [line for line in chief.splitlines() if line[:2] in ("0 ", "1 ")]
+    assert len(rows) == 4, chief  # the checks' table, then the GPU table
     assert "same" in rows[0] and "DIFFERS" in rows[1]
-    assert all(" ok (max |dw|" in row for row in rows)  # the math still agrees
+    assert all(" ok (max |dw|" in row for row in rows[:2])  # the math still agrees
+    assert all("no GPU (CPU only)" in row for row in rows[2:])
     assert outs[1][0] == ""  # only the chief prints
 
 

@@ -20,6 +20,10 @@ SAMPLERS = ("greedy", "top_k", "top_p")
 INPUT_SHARDING = ("auto", "interleave")
 ALL_REDUCE_DTYPES = ("float32", "bfloat16")
 MIXED_PRECISION = ("off", "bf16", "fp16")
+COLLECTIVES = ("auto", "nccl", "ring")  # tfdp/strategy.py: choose_collective
+# Exit codes tfdp uses for other outcomes, which a preemption must not take:
+# 1 (a bug: Python's traceback), 2 (a user's mistake), 3 (a lost peer).
+RESERVED_EXIT_CODES = (0, 1, 2, 3)
 
 # Fields that fix the model's shape, the meaning of its tokens, or the data
 # order (a pure function of seed, step and global batch). A model_dir written
@@ -80,6 +84,10 @@ class Config:
     # Fault tolerance (README "Checkpoints, resume and failures").
     skip_nonfinite_steps: int = 0  # updates with NaN/Inf loss or gradients to skip before stopping
     preemption_grace_seconds: float = 25.0  # SIGTERM -> checkpoint -> exit within this
+    # The status after that checkpoint: 75 (EX_TEMPFAIL) by default; a
+    # scheduler that retries only some codes gets one it retries (Kubeflow's
+    # ExitCode policy: 138, deploy/k8s/tfjob.yaml).
+    preempted_exit_code: int = 75
     overwrite: bool = False  # discard an incompatible run in model_dir instead of refusing
     log_every: int = 50
     steps_per_loop: int = 1  # steps per tf.function call (no Python between them)
@@ -89,6 +97,12 @@ class Config:
     # System.
     strategy: str = "auto"
     num_cpu_replicas: int = 2
+    # How replicas all-reduce: auto is NCCL where the worker has GPUs, else
+    # RING (multi-worker) or TF's copy-based reduction (one machine).
+    collective: str = "auto"
+    # NVIDIA GPUs present but none registered by TensorFlow (missing CUDA or
+    # cuDNN libraries) is an error unless this says the CPU will do.
+    allow_cpu: bool = False
     jit_compile: bool | None = None  # None: tfdp.step.default_jit_compile decides
     # bf16/fp16: 16-bit compute; float32 weights, loss and softmax; fp16 with
     # a dynamic loss scale (tfdp/loss_scale.py).
@@ -126,7 +140,8 @@ class Config:
         for name, choices in (("strategy", STRATEGIES), ("tokenizer", TOKENIZERS),
                               ("input_sharding", INPUT_SHARDING),
                               ("all_reduce_dtype", ALL_REDUCE_DTYPES),
-                              ("mixed_precision", MIXED_PRECISION)):
+                              ("mixed_precision", MIXED_PRECISION),
+                              ("collective", COLLECTIVES)):
             if getattr(self, name) not in choices:
                 raise UserError(f"--{name}={getattr(self, name)!r} is unknown; "
                                 f"use one of {', '.join(choices)}")
@@ -152,6 +167,11 @@ class Config:
             raise UserError(f"--preemption_grace_seconds={self.preemption_grace_seconds} must be "
                             "a positive number of seconds, a little below the scheduler's own "
                             "grace period (30 s by default on Kubernetes and SLURM)")
+        if not 0 < self.preempted_exit_code < 256 or \
+                self.preempted_exit_code in RESERVED_EXIT_CODES:
+            raise UserError(f"--preempted_exit_code={self.preempted_exit_code} must be an exit "
+                            "status from 4 to 255 (0-3 mean success, a bug, a bad input and a "
+                            "lost worker); 75 by default, 138 for Kubeflow's ExitCode policy")
         if not 1024 <= self.slurm_port_base <= 65000:
             raise UserError(f"--slurm_port_base={self.slurm_port_base} must be a port between "
                             "1024 and 65000")

@@ -26,8 +26,13 @@ class ClusterError(UserError):
 class Preempted(UserError):
     """SIGTERM (a scheduler's preemption) stopped training after a checkpoint.
 
-    Its exit code, 75 (EX_TEMPFAIL: "try again later"), tells schedulers and
-    scripts that rerunning the same command resumes the run.
+    Its exit code, 75 (EX_TEMPFAIL: "try again later") unless
+    --preempted_exit_code says otherwise, tells schedulers and scripts that
+    rerunning the same command resumes the run.
     """
 
     exit_code = 75
+
+    def __init__(self, message: str, exit_code: int = 75):
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -62,7 +62,8 @@ def loss_metrics(loss: float, split: Split, prefix: str = "") -> dict:
 
 def evaluate(model_dir: str, data: str | None = None, split: str = "val", batch_size: int = 0,
              strategy_name: str = "auto", num_cpu_replicas: int = 2, log=print,
-             as_json: bool = False, tfds_options: dict | None = None) -> dict:
+             as_json: bool = False, tfds_options: dict | None = None,
+             collective: str = "auto", allow_cpu: bool = False) -> dict:
     """Score the latest checkpoint of `model_dir` on `data`: a directory
     written by tfdp-prepare (its `split`, which must use the model's
     tokenizer), text (files, globs, a directory, `stdlib`) or a TFDS split
@@ -74,7 +75,8 @@ def evaluate(model_dir: str, data: str | None = None, split: str = "val", batch_
     # tokenizer would otherwise do.
     saved = Config.load(os.path.abspath(os.path.expanduser(model_dir))) or Config()
     strategy = build_strategy(strategy_name, num_cpu_replicas,
-                              collective_timeout=saved.collective_timeout)
+                              collective_timeout=saved.collective_timeout,
+                              collective=collective, allow_cpu=allow_cpu)
     cfg, tokenizer, model_dir = load_run(model_dir)
     replicas = strategy.num_replicas_in_sync
     batch = batch_size or cfg.global_batch_size

@@ -39,7 +39,7 @@ from tfdp.optimizer import build_optimizer
 from tfdp.restore import load_run, restore_weights
 from tfdp.rundir import write_text
 from tfdp.step import SUM, default_jit_compile
-from tfdp.strategy import build_strategy, is_chief
+from tfdp.strategy import build_strategy, describe, is_chief
 
 TASKS = ("classification",)
 POOLINGS = ("last", "mean")
@@ -69,6 +69,8 @@ class FinetuneConfig:
     seed: int = 1234
     strategy: str = "auto"
     num_cpu_replicas: int = 2
+    collective: str = "auto"  # as tfdp-train's (tfdp/strategy.py)
+    allow_cpu: bool = False
     jit_compile: bool | None = None
     tfds_data_dir: str | None = None
     tfds_download: bool = False
@@ -227,7 +229,8 @@ def finetune(fc: FinetuneConfig, log=print) -> dict:
     # The strategy first: it fixes TensorFlow's devices.
     saved = Config.load(os.path.abspath(os.path.expanduser(fc.model_dir))) or Config()
     strategy = build_strategy(fc.strategy, fc.num_cpu_replicas,
-                              collective_timeout=saved.collective_timeout)
+                              collective_timeout=saved.collective_timeout,
+                              collective=fc.collective, allow_cpu=fc.allow_cpu)
     replicas = strategy.num_replicas_in_sync
     if fc.global_batch_size % replicas:
         raise UserError(f"--global_batch_size={fc.global_batch_size} is not divisible by the "
@@ -251,7 +254,7 @@ def finetune(fc: FinetuneConfig, log=print) -> dict:
     eval_data = (*classdata.pack(eval_ids, seq_len, tokenizer.eot_id), eval_labels)
     n, batch = len(train_labels), fc.global_batch_size
     steps = fc.train_steps or max(1, math.ceil(fc.epochs * n / batch))
-    say(f"strategy: {type(strategy).__name__} with {replicas} replica(s); pretrained: "
+    say(f"strategy: {describe(strategy)}; pretrained: "
         f"{model_dir}; {len(classes)} classes; {n:,} train / {len(eval_labels):,} eval "
         f"examples of up to {seq_len} tokens ({sum(len(x) >= seq_len for x in train_ids):,} "
         f"train texts truncated); {steps} steps of {batch} ({steps * batch / n:.2f} epochs)")

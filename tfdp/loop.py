@@ -100,14 +100,15 @@ class Trainer:
         SIGTERM (what Kubernetes and SLURM send before they kill) lets the
         current call into TensorFlow finish; the next step carries the stop
         request to every worker, all save a checkpoint at that step and raise
-        Preempted (exit code 75). Whatever happens, the process is gone
-        within --preemption_grace_seconds (tfdp/preemption.py).
+        Preempted (exit code --preempted_exit_code, 75). Whatever happens,
+        the process is gone within --preemption_grace_seconds
+        (tfdp/preemption.py).
         """
         def resume_point():
             latest = self.checkpoints.latest_checkpoint
             return f"its last checkpoint ({os.path.basename(latest)})" if latest else "step 0"
         with PreemptionGuard(self.cfg.preemption_grace_seconds, resume_point,
-                             self.before_exit) as self._preemption:
+                             self.before_exit, self.cfg.preempted_exit_code) as self._preemption:
             return self._fit()
 
     def _check_finite(self, step: int, loss: float, grad_norm: float, overflow: bool) -> None:
@@ -215,7 +216,7 @@ class Trainer:
             if preempted:
                 self.callbacks.on_train_end(epoch_logs)  # flushes TensorBoard up to here
                 raise Preempted(f"stopped by SIGTERM after step {step}, checkpoint saved; run "
-                                "the same command again to resume")
+                                "the same command again to resume", cfg.preempted_exit_code)
             if stop:
                 break
         self.callbacks.on_train_end(epoch_logs)

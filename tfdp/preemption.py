@@ -5,8 +5,8 @@ training loop asks `PreemptionGuard.requested` before each call into
 TensorFlow and passes it into the step's all-reduce (tfdp/step.py), so every
 worker stops after the same step and checkpoints it (tfdp/loop.py). The
 guard's other job is the deadline: --preemption_grace_seconds after SIGTERM
-the process exits with status 75 whatever it is doing, saying where a
-resume will start.
+the process exits with status 75 (--preempted_exit_code) whatever it is
+doing, saying where a resume will start.
 
 Python runs signal handlers only on the main thread, between bytecodes; a
 main thread blocked inside a TensorFlow step (a hung collective, a stuck
@@ -28,10 +28,13 @@ from tfdp.errors import Preempted
 class PreemptionGuard:
     """Context manager; install it on the main thread around training."""
 
-    def __init__(self, grace_seconds: float, resume_point, before_exit=None):
+    def __init__(self, grace_seconds: float, resume_point, before_exit=None,
+                 exit_code: int = Preempted.exit_code):
         """`resume_point()` names where a resume would start (for the last
-        message); `before_exit()` runs just before a forced exit."""
+        message); `before_exit()` runs just before a forced exit with
+        `exit_code`."""
         self.grace_seconds, self.resume_point = grace_seconds, resume_point
+        self.exit_code = exit_code
         self.before_exit = before_exit
         self.requested = False
         self._lock = threading.Lock()
@@ -90,4 +93,4 @@ class PreemptionGuard:
               f"again resumes from {self.resume_point()}", file=sys.stderr, flush=True)
         if self.before_exit is not None:
             self.before_exit()
-        os._exit(Preempted.exit_code)
+        os._exit(self.exit_code)

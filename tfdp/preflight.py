@@ -7,6 +7,10 @@ checks below, and the chief prints one table, a row per worker.
   join        every worker arrives within --collective_timeout; otherwise
               the join watchdog names the missing ones and the waiting
               workers exit with status 137 (tfdp/joinwatch.py).
+  devices     the GPUs TensorFlow registered (their model) and the NVIDIA
+              driver's CUDA, cuDNN and NCCL versions this worker loaded
+              (tfdp/gpus.py); a GPU node where TensorFlow registered no GPU
+              stops here, as training would, unless --allow_cpu;
   code        a fingerprint of tfdp's own sources (tfdp/ and data/) and the
               TensorFlow, Keras, keras-hub, NumPy and Python versions; every
               worker must match the chief's.
@@ -38,12 +42,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfdp import cluster, watchdog
+from tfdp import cluster, gpus, watchdog
 from tfdp.config import Config
 from tfdp.model import build_model
 from tfdp.optimizer import build_optimizer
 from tfdp.step import SUM, make_train_step
-from tfdp.strategy import build_strategy, is_chief
+from tfdp.strategy import build_strategy, describe, is_chief
 
 ROUNDS = 5
 # The step check's model: tiny, so it takes seconds anywhere.
@@ -51,7 +55,8 @@ CHECK = Config(num_layers=1, num_heads=2, hidden_dim=32, intermediate_dim=64, se
                learning_rate=1e-2, warmup_steps=0, seed=4321)
 VOCAB = 257
 TOLERANCE = 1e-4  # |weight difference| after one step at learning rate 1e-2
-_HASH_WORDS, _HOST_BYTES = 16, 32  # 16-bit words of the fingerprint; host name bytes
+# 16-bit words of the fingerprint; bytes of the host and GPU names.
+_HASH_WORDS, _HOST_BYTES, _GPU_BYTES = 16, 32, 32
 
 
 def fingerprint() -> str:
@@ -154,27 +159,32 @@ def _decode(values) -> str:
     return bytes(int(v) for v in values if v).decode("utf-8", errors="replace")
 
 
-def _row(strategy, reduce: dict, step: dict) -> np.ndarray:
-    """This worker's results as float32 (16-bit words of the fingerprint
-    and the host name's bytes are exact in float32), for _gather."""
+def _row(strategy, reduce: dict, step: dict, found: dict) -> np.ndarray:
+    """This worker's results as float32 (16-bit words of the fingerprint,
+    version codes below 2**24 and the names' bytes are exact in float32),
+    for _gather."""
     digest = fingerprint()
     words = [int(digest[i:i + 4], 16) for i in range(0, 4 * _HASH_WORDS, 4)]
     devices = strategy.extended.worker_devices
-    gpus = sum("GPU" in d.upper() for d in devices)
-    return np.array(words + [len(devices), gpus, reduce["seconds"], reduce["bus_gbps"],
+    on_gpu = sum("GPU" in d.upper() for d in devices)
+    return np.array(words + [len(devices), on_gpu, reduce["seconds"], reduce["bus_gbps"],
                              float(reduce["exact"]), step["max_weight_difference"],
-                             float(step["ok"])] + _encode(socket.gethostname(), _HOST_BYTES),
-                    np.float32)
+                             float(step["ok"]), found["driver_cuda"], found["cudnn"],
+                             found["nccl"]]
+                    + _encode(socket.gethostname(), _HOST_BYTES)
+                    + _encode(found["gpu_name"], _GPU_BYTES), np.float32)
 
 
 def run_preflight(strategy_name: str = "auto", num_cpu_replicas: int = 2,
                   collective_timeout: float = 600.0, slurm_port_base: int = 8888,
-                  allreduce_mb: float = 64.0, log=print) -> bool:
+                  allreduce_mb: float = 64.0, log=print, collective: str = "auto",
+                  allow_cpu: bool = False) -> bool:
     """Run every check on this worker; the chief logs the table. Return
     True when every worker passed every check."""
     strategy = build_strategy(strategy_name, num_cpu_replicas,
                               collective_timeout=collective_timeout,
-                              slurm_port_base=slurm_port_base)
+                              slurm_port_base=slurm_port_base, collective=collective,
+                              allow_cpu=allow_cpu)
     say = log if is_chief(strategy) else (lambda *_: None)
     devices = strategy.extended.worker_devices
     local = len(devices)
@@ -184,13 +194,15 @@ def run_preflight(strategy_name: str = "auto", num_cpu_replicas: int = 2,
                  if resolver is not None and resolver.task_type else ["(this process)"])
     say(f"preflight: {len(addresses)} worker(s), {n} replica(s); all-reduce "
         f"{allreduce_mb:g} MB x {ROUNDS}, one training step on {CHECK.num_layers}-layer GPT")
+    say(f"strategy: {describe(strategy)}")
+    found = gpus.versions()
     try:
         with watchdog.watching():  # a peer lost mid-check stops us within the timeout
             reduce = time_all_reduce(strategy, allreduce_mb)
             watchdog.beat()
             step = check_step(strategy)
             watchdog.beat()
-            table = _gather(strategy, _row(strategy, reduce, step))[::local]  # a row per worker
+            table = _gather(strategy, _row(strategy, reduce, step, found))[::local]  # per worker
     except tf.errors.OpError as err:
         lost = watchdog.peer_failure(err)  # a dead or stuck peer: one line, not a traceback
         if lost is None:
@@ -198,17 +210,23 @@ def run_preflight(strategy_name: str = "auto", num_cpu_replicas: int = 2,
         raise lost from None
     digest = fingerprint()
     chief_words = table[0, :_HASH_WORDS]
-    lines, failed = [], []
+    lines, failed, libraries = [], [], []
     for index, values in enumerate(table):
         words, rest = values[:_HASH_WORDS], values[_HASH_WORDS:]
-        (local_n, gpus, seconds, bus, exact, worst, step_ok), host = rest[:7], rest[7:]
+        (local_n, on_gpu, seconds, bus, exact, worst, step_ok, driver, cudnn, nccl), rest = \
+            rest[:10], rest[10:]
+        host, gpu_name = rest[:_HOST_BYTES], rest[_HOST_BYTES:]
         same_code = bool(np.array_equal(words, chief_words))
         checks = {"code": same_code, "all-reduce": bool(exact), "train step": bool(step_ok)}
         bad = [name for name, ok in checks.items() if not ok]
         address = addresses[index] if index < len(addresses) else "?"
         if bad:
             failed.append(f"worker {index} ({address}): {', '.join(bad)}")
-        kind = f"{int(gpus)} GPU" if gpus else f"{int(local_n)} CPU"
+        kind = f"{int(on_gpu)} GPU" if on_gpu else f"{int(local_n)} CPU"
+        libraries.append(
+            f"{index:<6} {(_decode(gpu_name) or 'no GPU (CPU only)')[:32]:<32} "
+            f"{gpus.dotted(int(driver), 'cuda'):<12} {gpus.dotted(int(cudnn), 'cudnn'):<8} "
+            f"{gpus.dotted(int(nccl), 'nccl')}")
         lines.append(
             f"{index:<6} {address:<22} {_decode(host)[:16]:<16} {kind:<7} "
             f"{'same' if same_code else 'DIFFERS':<8} "
@@ -217,6 +235,10 @@ def run_preflight(strategy_name: str = "auto", num_cpu_replicas: int = 2,
     say(f"{'worker':<6} {'address':<22} {'host':<16} {'devices':<7} {'code':<8} "
         f"{'all-reduce (bus bandwidth)':<33} train step vs one replica")
     for line in lines:
+        say(line)
+    say(f"{'worker':<6} {'GPU':<32} {'driver CUDA':<12} {'cuDNN':<8} NCCL   (TensorFlow "
+        f"built for CUDA {found['built_cuda'] or '-'}, cuDNN {found['built_cudnn'] or '-'})")
+    for line in libraries:
         say(line)
     if failed:
         say("preflight: FAILED: " + "; ".join(failed))

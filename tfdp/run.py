@@ -45,7 +45,7 @@ from tfdp.optimizer import build_optimizer
 from tfdp.prepare import is_prepared, load_manifest, prepare, prepare_stream
 from tfdp.report import write_report
 from tfdp.rundir import read_json, write_text
-from tfdp.strategy import build_strategy, is_chief
+from tfdp.strategy import build_strategy, describe, is_chief
 from tfdp.stream import TextStream
 from tfdp.tokenizers import load_tokenizer
 
@@ -108,7 +108,8 @@ def train(cfg: Config, callbacks=(), log=print, live=None) -> dict:
         cfg = presets.resolve(cfg, presets.explicit_fields(cfg))[0].validate()
     strategy = build_strategy(cfg.strategy, cfg.num_cpu_replicas,
                               collective_timeout=cfg.collective_timeout,
-                              slurm_port_base=cfg.slurm_port_base)
+                              slurm_port_base=cfg.slurm_port_base, collective=cfg.collective,
+                              allow_cpu=cfg.allow_cpu)
     replicas = strategy.num_replicas_in_sync
     if cfg.global_batch_size % replicas:
         raise UserError(f"--global_batch_size={cfg.global_batch_size} is not divisible by the "
@@ -156,8 +157,7 @@ def _train_in(cfg: Config, strategy, model_dir: str, write_dir: str, callbacks, 
     chief = write_dir == model_dir
     replicas = strategy.num_replicas_in_sync
     say(f"model_dir: {model_dir}")
-    say(f"strategy: {type(strategy).__name__} with {replicas} replica(s) "
-        f"({', '.join(strategy.extended.worker_devices)})")
+    say(f"strategy: {describe(strategy)}")
     data_dir = _load_data(cfg, write_dir, say)
     train_split, val_split = load_splits(cfg, data_dir, strategy)
     manifest = load_manifest(data_dir)

@@ -6,18 +6,31 @@ auto           MultiWorkerMirrored when TF_CONFIG or a SLURM step names more
 one_device     a single replica on the first GPU or the CPU.
 mirrored       synchronous replicas on this machine (GPUs or logical CPUs).
 multi_worker_mirrored
-               TensorFlow's collective ops across processes (gRPC between
-               hosts, NCCL between GPUs), cluster from TF_CONFIG or SLURM
-               (tfdp/cluster.py), every local GPU (or the CPU) one replica.
+               TensorFlow's collective ops across processes, cluster from
+               TF_CONFIG or SLURM (tfdp/cluster.py), every local GPU (or the
+               CPU) one replica.
+
+How the replicas all-reduce (`collective`, --collective): TensorFlow's AUTO
+picks RING, gRPC with copies through host memory, even between GPUs, unless
+NCCL is asked for by name; so tfdp asks. `choose_collective` decides from the
+worker's own devices: NCCL with GPUs, else RING across workers, or on one
+machine TensorFlow's ReductionToOneDevice (what it picks for CPUs itself).
+`collective_of(strategy)` names the one in use, for the log.
+
+Before any of this, `gpus.check_registered` refuses a GPU machine on which
+TensorFlow registered no GPU (unless `allow_cpu`): nothing trains on the CPU
+by surprise.
 """
 
 from __future__ import annotations
 
 import tensorflow as tf
 
-from tfdp import cluster, watchdog
-from tfdp.config import STRATEGIES
+from tfdp import cluster, gpus, watchdog
+from tfdp.config import COLLECTIVES, STRATEGIES
 from tfdp.errors import UserError
+
+NCCL, RING, TO_ONE_DEVICE = "NCCL", "RING", "ReductionToOneDevice"
 
 
 def split_cpu(num_replicas: int) -> list[str]:
@@ -40,54 +53,95 @@ def split_cpu(num_replicas: int) -> list[str]:
     return [d.name for d in logical[:num_replicas]]
 
 
-# Strategies built in this process, by kind and devices. Reusing one matters:
-# two MirroredStrategy objects over the same devices restart their collective
-# instance keys, so a second model trained in the same process (a notebook,
-# a sweep, the test suite) would hit "Shape mismatch in the collective
-# instance" when the first one's keys are reused with other tensor shapes.
-_BUILT: dict[tuple, tf.distribute.Strategy] = {}
+def choose_collective(requested: str, num_gpus: int, multi_worker: bool) -> str:
+    """The all-reduce for `--collective=requested` on a worker with
+    `num_gpus` GPUs: NCCL, RING (across workers) or ReductionToOneDevice."""
+    if requested not in COLLECTIVES:
+        raise UserError(f"--collective={requested!r} is unknown; use one of "
+                        f"{', '.join(COLLECTIVES)}")
+    if requested == "nccl" and not num_gpus:
+        raise UserError("--collective=nccl needs GPUs and this worker has none; use "
+                        "--collective=auto (RING on CPUs) or ring")
+    if requested == "nccl" or (requested == "auto" and num_gpus):
+        return NCCL
+    return RING if multi_worker else TO_ONE_DEVICE
 
 
-def _cached(key: tuple, make) -> tf.distribute.Strategy:
+# Strategies built in this process, by kind, devices and collective, with
+# that collective's name. Reusing one matters: two MirroredStrategy objects
+# over the same devices restart their collective instance keys, so a second
+# model trained in the same process (a notebook, a sweep, the test suite)
+# would hit "Shape mismatch in the collective instance" when the first one's
+# keys are reused with other tensor shapes.
+_BUILT: dict[tuple, tuple[tf.distribute.Strategy, str]] = {}
+
+
+def _cached(key: tuple, collective: str, make) -> tf.distribute.Strategy:
     if key not in _BUILT:
-        _BUILT[key] = make()
-    return _BUILT[key]
+        _BUILT[key] = (make(), collective)
+    return _BUILT[key][0]
+
+
+def collective_of(strategy: tf.distribute.Strategy) -> str:
+    """How `strategy` (one build_strategy returned) all-reduces, in words."""
+    for built, collective in _BUILT.values():
+        if built is strategy:
+            return collective
+    return "TensorFlow's default"
+
+
+def describe(strategy: tf.distribute.Strategy) -> str:
+    """The log's words for a strategy: kind, replicas, devices, all-reduce."""
+    return (f"{type(strategy).__name__} with {strategy.num_replicas_in_sync} replica(s) "
+            f"({', '.join(strategy.extended.worker_devices)}); all-reduce: "
+            f"{collective_of(strategy)}")
 
 
 def build_strategy(name: str, num_cpu_replicas: int = 2, *, collective_timeout: float = 600.0,
-                   slurm_port_base: int = 8888) -> tf.distribute.Strategy:
+                   slurm_port_base: int = 8888, collective: str = "auto",
+                   allow_cpu: bool = False) -> tf.distribute.Strategy:
     """Return the strategy named by `--strategy` (see the module docstring)."""
     resolver = cluster.cluster_resolver(slurm_port_base)
+    if name not in STRATEGIES:
+        raise UserError(f"--strategy={name!r} is unknown; use one of {', '.join(STRATEGIES)}")
     if name == "auto":
         name = "multi_worker_mirrored" if cluster.num_tasks(resolver) > 1 else "mirrored"
-    if name == "multi_worker_mirrored":
-        if resolver is None:
-            raise UserError("--strategy=multi_worker_mirrored needs a cluster: set TF_CONFIG, "
-                            "run under srun, or start it with tfdp-launch; on one machine "
-                            "use --strategy=mirrored")
-        return _cached((name,), lambda: _multi_worker(resolver, collective_timeout))
-    if cluster.num_tasks(resolver) > 1:
+    if name == "multi_worker_mirrored" and resolver is None:
+        raise UserError("--strategy=multi_worker_mirrored needs a cluster: set TF_CONFIG, "
+                        "run under srun, or start it with tfdp-launch; on one machine "
+                        "use --strategy=mirrored")
+    if name != "multi_worker_mirrored" and cluster.num_tasks(resolver) > 1:
         raise UserError(f"this process is one of {cluster.num_tasks(resolver)} tasks of a "
                         f"cluster (TF_CONFIG or SLURM), but --strategy={name} trains alone; use "
                         "--strategy=auto or multi_worker_mirrored, or unset TF_CONFIG")
-    gpus = tf.config.list_physical_devices("GPU")
+    local_gpus = tf.config.list_physical_devices("GPU")
+    gpus.check_registered(allow_cpu, gpus=local_gpus)
+    multi = name == "multi_worker_mirrored"
+    chosen = choose_collective(collective, len(local_gpus), multi)
+    if multi:
+        options = tf.distribute.experimental.CommunicationOptions(
+            implementation=getattr(tf.distribute.experimental.CommunicationImplementation, chosen))
+        return _cached((name, chosen), chosen,
+                       lambda: _multi_worker(resolver, collective_timeout, options))
     if name == "one_device":
-        device = "/gpu:0" if gpus else "/cpu:0"
-        return _cached((name, device), lambda: tf.distribute.OneDeviceStrategy(device))
-    if name == "mirrored":
-        devices = ([f"/gpu:{i}" for i in range(len(gpus))] if gpus
-                   else split_cpu(num_cpu_replicas))
-        return _cached((name, *devices), lambda: tf.distribute.MirroredStrategy(devices))
-    raise UserError(f"--strategy={name!r} is unknown; use one of {', '.join(STRATEGIES)}")
+        device = "/gpu:0" if local_gpus else "/cpu:0"
+        return _cached((name, device), "none (one replica)",
+                       lambda: tf.distribute.OneDeviceStrategy(device))
+    devices = ([f"/gpu:{i}" for i in range(len(local_gpus))] if local_gpus
+               else split_cpu(num_cpu_replicas))
+    ops = tf.distribute.NcclAllReduce() if chosen == NCCL else tf.distribute.ReductionToOneDevice()
+    return _cached((name, chosen, *devices), chosen,
+                   lambda: tf.distribute.MirroredStrategy(devices, cross_device_ops=ops))
 
 
-def _multi_worker(resolver, timeout: float) -> tf.distribute.Strategy:
+def _multi_worker(resolver, timeout: float, options) -> tf.distribute.Strategy:
     """MultiWorkerMirroredStrategy that cannot wait forever for its peers."""
     cluster.check_own_port(resolver)
     cluster.configure_coordination(resolver, timeout)
     join = watchdog.join_watchdog(resolver, timeout)
     try:
-        strategy = tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
+        strategy = tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver,
+                                                             communication_options=options)
     finally:
         join.communicate(b"joined\n")
     watchdog.start_watchdog(resolver, timeout)

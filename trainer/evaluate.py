@@ -26,7 +26,8 @@ def main() -> None:
     evaluate(FLAGS.model_dir, FLAGS.data, FLAGS.split, FLAGS.batch_size, FLAGS.strategy,
              FLAGS.num_cpu_replicas, as_json=FLAGS.json,
              tfds_options={"text_feature": FLAGS.text_feature,
-                           "data_dir": FLAGS.tfds_data_dir, "download": FLAGS.tfds_download})
+                           "data_dir": FLAGS.tfds_data_dir, "download": FLAGS.tfds_download},
+             collective=FLAGS.collective, allow_cpu=FLAGS.allow_cpu)
 
 
 def run() -> None:

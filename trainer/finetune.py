@@ -47,7 +47,8 @@ def main() -> None:
         "model_dir", "train", "eval", "output_dir", "task", "text_column", "label_column",
         "pooling", "seq_len", "global_batch_size", "epochs", "train_steps", "learning_rate",
         "warmup_fraction", "weight_decay", "clip_norm", "eval_every", "seed", "strategy",
-        "num_cpu_replicas", "jit_compile", "tfds_data_dir", "tfds_download")}))
+        "num_cpu_replicas", "collective", "allow_cpu", "jit_compile", "tfds_data_dir",
+        "tfds_download")}))
 
 
 def run() -> None:

@@ -6,8 +6,8 @@ import dataclasses
 
 from absl import flags
 
-from tfdp.config import (ALL_REDUCE_DTYPES, INPUT_SHARDING, MIXED_PRECISION, STRATEGIES,
-                         TOKENIZERS, Config)
+from tfdp.config import (ALL_REDUCE_DTYPES, COLLECTIVES, INPUT_SHARDING, MIXED_PRECISION,
+                         STRATEGIES, TOKENIZERS, Config)
 
 FLAGS = flags.FLAGS
 _D = Config()
@@ -55,6 +55,15 @@ def define_strategy_flags() -> None:
                       "GPUs, else over --num_cpu_replicas logical CPUs.")
     flags.DEFINE_integer("num_cpu_replicas", _D.num_cpu_replicas,
                          "Replicas when training on CPU (the CPU is split into logical devices).")
+    flags.DEFINE_enum("collective", _D.collective, COLLECTIVES,
+                      "How replicas sum gradients. auto: NCCL where this worker has GPUs, "
+                      "otherwise RING (multi-worker, over gRPC) or TensorFlow's copy-based "
+                      "reduction (one machine); nccl: NCCL (GPUs only); ring: never NCCL. "
+                      "The log names the one that runs.")
+    flags.DEFINE_bool("allow_cpu", _D.allow_cpu,
+                      "Go on on the CPU when this machine has NVIDIA GPUs (device files, "
+                      "NVIDIA_VISIBLE_DEVICES or CUDA_VISIBLE_DEVICES) but TensorFlow "
+                      "registers none; without it that is an error naming the likely cause.")
 
 
 def define_model_flags() -> None:
@@ -106,6 +115,10 @@ def define_train_flags() -> None:
     flags.DEFINE_float("preemption_grace_seconds", _D.preemption_grace_seconds,
                        "After SIGTERM: finish the step, checkpoint and exit (status 75) within "
                        "this many seconds; set it a little below the scheduler's grace period.")
+    flags.DEFINE_integer("preempted_exit_code", _D.preempted_exit_code,
+                         "Exit status after SIGTERM and the checkpoint: 75 (EX_TEMPFAIL), or a "
+                         "code the scheduler retries (Kubeflow's ExitCode restart policy "
+                         "retries 130, 137, 138 and 143).")
     flags.DEFINE_bool("overwrite", _D.overwrite,
                       "Discard a run in --model_dir whose model, data or tokenizer differ "
                       "from these flags, instead of refusing (a compatible run is resumed).")

@@ -23,7 +23,8 @@ def main() -> None:
     if FLAGS.allreduce_mb <= 0:
         raise UserError(f"--allreduce_mb={FLAGS.allreduce_mb} must be positive, e.g. 64")
     ok = run_preflight(FLAGS.strategy, FLAGS.num_cpu_replicas, FLAGS.collective_timeout,
-                       FLAGS.slurm_port_base, FLAGS.allreduce_mb)
+                       FLAGS.slurm_port_base, FLAGS.allreduce_mb, collective=FLAGS.collective,
+                       allow_cpu=FLAGS.allow_cpu)
     sys.exit(0 if ok else 1)
 
 

@@ -1,0 +1,100 @@
+"""tfdp/strategy.py: which all-reduce each strategy gets (--collective), and
+the one-line refusals. Without a GPU, the GPU cases are checked by what the
+strategy factory is given: fake GPU devices in, the options TensorFlow's
+strategy constructors receive out."""
+
+from __future__ import annotations
+
+import pytest
+import tensorflow as tf
+
+from tfdp import strategy as strategies
+from tfdp.errors import UserError
+
+IMPL = tf.distribute.experimental.CommunicationImplementation
+
+
+@pytest.mark.parametrize("requested, num_gpus, multi_worker, expected", [
+    ("auto", 8, True, "NCCL"),
+    ("auto", 0, True, "RING"),
+    ("auto", 2, False, "NCCL"),
+    ("auto", 0, False, "ReductionToOneDevice"),
+    ("nccl", 1, True, "NCCL"),
+    ("ring", 8, True, "RING"),
+    ("ring", 8, False, "ReductionToOneDevice"),
+])
+def test_choose_collective(requested, num_gpus, multi_worker, expected):
+    assert strategies.choose_collective(requested, num_gpus, multi_worker) == expected
+
+
+def test_nccl_without_gpus_is_refused_in_one_line():
+    with pytest.raises(UserError, match=r"^--collective=nccl needs GPUs and this worker has "
+                                         r"none; use --collective=auto \(RING on CPUs\) or ring$"):
+        strategies.choose_collective("nccl", 0, True)
+    with pytest.raises(UserError, match="--collective='tree' is unknown; use one of auto, "
+                                        "nccl, ring"):
+        strategies.choose_collective("tree", 0, True)
+
+
+def test_mirrored_on_cpus_names_its_reduction(mirrored):
+    """The suite's own 2-CPU strategy: TensorFlow's copy-based reduction."""
+    assert strategies.collective_of(mirrored) == "ReductionToOneDevice"
+    assert strategies.describe(mirrored).endswith("; all-reduce: ReductionToOneDevice")
+    assert strategies.collective_of(strategies.build_strategy("one_device")) == \
+        "none (one replica)"
+
+
+class _Recorder:
+    """Stands in for a tf.distribute strategy class; keeps its arguments."""
+
+    def __init__(self, *args, **kwargs):
+        self.args, self.kwargs = args, kwargs
+
+
+@pytest.fixture
+def fake_gpus(monkeypatch):
+    """Two GPUs as tf.config lists them, and recorders for the strategies;
+    the strategy cache starts empty and is restored afterwards."""
+    real = tf.config.list_physical_devices
+    fake = [tf.config.PhysicalDevice(f"/physical_device:GPU:{i}", "GPU") for i in range(2)]
+    monkeypatch.setattr(tf.config, "list_physical_devices",
+                        lambda kind=None: fake if kind == "GPU" else real(kind))
+    monkeypatch.setattr(tf.distribute, "MirroredStrategy", _Recorder)
+    monkeypatch.setattr(strategies, "_BUILT", {})
+    given = {}
+
+    def multi_worker(resolver, timeout, options):
+        given["options"] = options
+        return _Recorder(options)
+    monkeypatch.setattr(strategies, "_multi_worker", multi_worker)
+    return given
+
+
+def test_mirrored_on_gpus_gets_nccl(fake_gpus):
+    built = strategies.build_strategy("mirrored")
+    assert built.args == (["/gpu:0", "/gpu:1"],)
+    assert isinstance(built.kwargs["cross_device_ops"], tf.distribute.NcclAllReduce)
+    assert strategies.collective_of(built) == "NCCL"
+    ring = strategies.build_strategy("mirrored", collective="ring")
+    assert isinstance(ring.kwargs["cross_device_ops"], tf.distribute.ReductionToOneDevice)
+
+
+@pytest.mark.parametrize("requested, expected", [("auto", IMPL.NCCL), ("nccl", IMPL.NCCL),
+                                                 ("ring", IMPL.RING)])
+def test_multi_worker_gpus_communication_options(fake_gpus, monkeypatch, requested, expected):
+    monkeypatch.setenv("TF_CONFIG", '{"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}, '
+                                    '"task": {"type": "worker", "index": 0}}')
+    built = strategies.build_strategy("multi_worker_mirrored", collective=requested)
+    assert fake_gpus["options"].implementation == expected
+    assert strategies.collective_of(built) == expected.name
+
+
+def test_multi_worker_cpus_get_ring(monkeypatch):
+    given = {}
+    monkeypatch.setattr(strategies, "_BUILT", {})
+    monkeypatch.setattr(strategies, "_multi_worker",
+                        lambda resolver, timeout, options: given.setdefault("options", options))
+    monkeypatch.setenv("TF_CONFIG", '{"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}, '
+                                    '"task": {"type": "worker", "index": 1}}')
+    strategies.build_strategy("auto")
+    assert given["options"].implementation == IMPL.RING

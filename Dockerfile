@@ -9,9 +9,10 @@
 # still brings CUDA 12.3, cuDNN 8.9 and no NCCL, while the TF 2.21 wheel is
 # built for CUDA 12.5 and cuDNN 9 (tf.sysconfig.get_build_info()); there
 # TensorFlow cannot load its GPU libraries and trains on the CPU. Instead: a
-# slim Python and the wheel's own `and-cuda` extra, which pins the CUDA 12
+# slim Python and the wheel's own `and-cuda` extra, which brings the CUDA 12
 # runtime, cuBLAS, cuDNN 9, NCCL and ptxas as pip packages that TensorFlow
-# finds by itself. The NVIDIA driver (libcuda) is the host's, passed in by
+# finds by itself, within TF's ranges (CUDA >= 12.5 and < 13, cuDNN >= 9.3
+# and < 10, NCCL >= 2.27 and < 3; pip takes the newest). The NVIDIA driver (libcuda) is the host's, passed in by
 # the NVIDIA container runtime (docker run --gpus, Kubernetes' device plugin).
 ARG PYTHON=3.11
 FROM python:${PYTHON}-slim-bookworm
@@ -39,8 +40,9 @@ RUN apt-get update && \
     rm -rf /var/lib/apt/lists/*
 
 # Dependencies first, in their own layer: only setup.py invalidates it, not
-# code or README edits. TensorFlow goes first so that the extra is resolved
-# against setup.py's pin; `pip install .` then keeps it and adds the rest.
+# code or README edits. TensorFlow goes first, with setup.py's range
+# (tests/test_deploy.py keeps the two equal) and the extra; `pip install .`
+# then keeps it and adds the rest.
 WORKDIR /opt/tfdp
 COPY setup.py ./
 RUN case "$DEVICE" in \

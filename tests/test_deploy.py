@@ -21,9 +21,11 @@ import json
 import os
 import re
 import shutil
+import signal
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import NamedTuple
 
@@ -276,8 +278,8 @@ def test_compose_two_cpu_workers(train_flags):
 # SLURM. The fakes below stand in for srun, tfdp-train and scontrol; the
 # sbatch script runs as SLURM runs it, with the job's variables set.
 JOB_ID = "4242"
-SBATCH_PREEMPTED = int(re.search(r"^PREEMPTED_EXIT_CODE=(\d+)", SBATCH.read_text(),
-                                 re.M).group(1))
+SBATCH_PREEMPTED = int(re.search(r"^PREEMPTED_EXIT_CODE=\$\{PREEMPTED_EXIT_CODE:-(\d+)\}",
+                                 SBATCH.read_text(), re.M).group(1))
 
 FAKE_SRUN = """\
 # srun as far as tfdp.sbatch relies on it: options (recorded in
@@ -285,8 +287,9 @@ FAKE_SRUN = """\
 # step (SLURM_NTASKS), each in its own process group with the step's
 # variables. Where $FAKE_TASKS has tasks waiting for SIGTERM, it goes to
 # every process of the step once they are ready, as Slurm's --signal does.
-# --kill-on-bad-exit=1 kills the other tasks once one exits non-zero. The
-# status is the tasks' highest, 128+N for one killed by signal N.
+# --kill-on-bad-exit=1 kills the other tasks once one exits non-zero. A
+# SIGTERM to srun itself is passed on to the tasks. The status is the
+# tasks' highest, 128+N for one killed by signal N.
 import json, os, signal, subprocess, sys, time
 
 start = next(i for i, a in enumerate(sys.argv) if i and not a.startswith("-"))
@@ -310,7 +313,11 @@ def signal_tasks(sig):
                 pass
 
 
-if any(exit == "SIGTERM" for exit, _ in json.loads(os.environ["FAKE_TASKS"])):
+signal.signal(signal.SIGTERM, lambda *_: signal_tasks(signal.SIGTERM))
+with open(os.path.join(os.environ["OUT"], "srun.pid"), "w") as f:
+    f.write(str(os.getpid()))
+if any(exit == "SIGTERM" for exit, _ in json.loads(os.environ["FAKE_TASKS"])) and \
+        not os.environ.get("FAKE_SIGTERM_FROM_OUTSIDE"):
     ready = [os.path.join(os.environ["OUT"], f"ready-{i}") for i in range(n)]
     while not all(map(os.path.exists, ready)) and None in [t.poll() for t in tasks]:
         time.sleep(0.01)
@@ -376,10 +383,11 @@ class Batch(NamedTuple):
 
 
 def _sbatch(home: Path, *args: str, tasks=((0, 0), (0, 0)), train: str = FAKE_TRAIN,
-            env: dict | None = None, timeout: float = 60) -> Batch:
+            env: dict | None = None, timeout: float = 60, term_batch: bool = False) -> Batch:
     """Run tfdp.sbatch with HOME (and the fakes' $OUT) `home`, the fakes on
-    PATH and one task per entry of `tasks`; then check that it left nothing
-    behind: no status directory, an empty MODEL_DIR."""
+    PATH and one task per entry of `tasks` (with `term_batch`, SIGTERM goes
+    to the script and srun once the tasks wait for it); then check that it
+    left nothing behind: no status directory, an empty MODEL_DIR."""
     bin_dir = home / "bin"
     bin_dir.mkdir(parents=True)
     _fake(bin_dir / "srun", f"#!{sys.executable}\n{FAKE_SRUN}")
@@ -389,8 +397,22 @@ def _sbatch(home: Path, *args: str, tasks=((0, 0), (0, 0)), train: str = FAKE_TR
                 "OUT": str(home), "SLURM_JOB_ID": JOB_ID, "SLURM_JOB_NAME": "tfdp-gpt",
                 "SLURM_JOB_NODELIST": "gpu[01-02]", "SLURM_NTASKS": str(len(tasks)),
                 "FAKE_TASKS": json.dumps(tasks), **(env or {})}
-    result = subprocess.run(["bash", str(SBATCH), *args], capture_output=True, text=True,
-                            timeout=timeout, env=full_env)
+    if term_batch:
+        full_env["FAKE_SIGTERM_FROM_OUTSIDE"] = "1"
+    proc = subprocess.Popen(["bash", str(SBATCH), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=full_env)
+    try:
+        if term_batch:  # as Slurm preempts or scancel cancels: every process of the job
+            ready = [home / f"ready-{i}" for i in range(len(tasks))] + [home / "srun.pid"]
+            deadline = time.monotonic() + timeout
+            while not all(p.exists() for p in ready) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            proc.send_signal(signal.SIGTERM)
+            os.kill(int((home / "srun.pid").read_text()), signal.SIGTERM)
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        proc.kill()
+    result = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     model_dir = _model_dir(home)
     assert not _status_dir(model_dir).exists()
     assert not model_dir.exists() or not any(model_dir.iterdir())
@@ -454,6 +476,27 @@ def test_sbatch_requeues_when_any_task_was_preempted(tmp_path, tasks, status, re
     assert all((tmp_path / f"done-{i}").exists() for i in range(len(tasks))), run.log
 
 
+def test_sbatch_outlives_a_sigterm_of_its_own(tmp_path):
+    """Preemption with a grace time and scancel send SIGTERM to the batch
+    script too: it waits for the tasks to checkpoint, then requeues."""
+    run = _sbatch(tmp_path, tasks=[["SIGTERM", 1.0], ["SIGTERM", 0]], term_batch=True)
+    assert run.status == 0, run.log
+    assert run.scontrol == ["requeue", JOB_ID], run.log
+    assert all((tmp_path / f"done-{i}").exists() for i in range(2)), run.log
+    assert "SIGTERM: waiting for the tasks to checkpoint" in run.log
+
+
+@pytest.mark.parametrize("arg", ["--model_dir=/shared/run", "--preempted_exit_code=138"])
+def test_sbatch_refuses_its_own_flags_as_arguments(tmp_path, arg):
+    """The script passes and reads back MODEL_DIR and the preempted code;
+    given again as an argument, absl's last-one-wins would defeat it."""
+    run = _sbatch(tmp_path, arg)
+    assert run.status == 2 and run.srun_options is None, run.log
+    name = arg[2:].split("=")[0]
+    (line,) = run.log.strip().splitlines()
+    assert line.startswith(f"tfdp.sbatch: {name} is the script's own: set {name} through")
+
+
 @pytest.mark.parametrize("cpus", [None, "32"])
 def test_sbatch_srun_options(tmp_path, cpus):
     """srun does not inherit sbatch's --cpus-per-task (Slurm 22.05 on); it
@@ -486,13 +529,14 @@ def test_sbatch_container_mounts(tmp_path):
     run = _sbatch(tmp_path, f"--data={','.join(data)}",
                   f"--tfds_data_dir={shared}/tfds",  # not there yet: the directory above
                   "--init_from", str(preset),  # the flag's value as its own argument
+                  "--tfds_data_dir", f"{shared}/lang=en",  # an '=' in that value
                   env={"TFDP_IMAGE": "registry.example.com#tfdp:0.1.0",
                        "TFDP_MOUNTS": "/opt/cache:/cache:ro"})
     assert run.status == 0, run.log
     image, mounts = _container_options(run.srun_options)
     assert image == "registry.example.com#tfdp:0.1.0"
     model_dir = _model_dir(tmp_path)
-    dirs = [model_dir, _status_dir(model_dir), corpus, shared, preset]
+    dirs = [model_dir, _status_dir(model_dir), corpus, shared, preset]  # shared twice
     assert sorted(mounts[:-1]) == sorted(f"{d}:{d}" for d in dirs)
     assert mounts[-1] == "/opt/cache:/cache:ro"
 

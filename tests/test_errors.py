@@ -93,6 +93,7 @@ def train_cli(model_dir: Path, *flags: str, env=None):
     ({"preempted_exit_code": 0}, "--preempted_exit_code=0"),
     ({"preempted_exit_code": 3}, "--preempted_exit_code=3"),  # a lost worker's code
     ({"preempted_exit_code": 256}, "--preempted_exit_code=256"),
+    ({"preempted_exit_code": 137}, "--preempted_exit_code=137"),  # the join watchdog's
     ({"collective": "tree"}, "--collective='tree'"),
 ])
 def test_config_validate_rejects(overrides, flag):

@@ -4,6 +4,9 @@ device files live under a fake root and the environment is a dict."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 
 from conftest import run_cli
@@ -25,10 +28,24 @@ def test_device_files_are_a_sign(tmp_path):
     assert gpus.nvidia_signs({}, root) == ["/dev/nvidia0, /dev/nvidia1"]
 
 
-def test_the_drivers_gpu_list_is_a_sign_without_device_files(tmp_path):
+def test_device_files_this_process_may_not_open_are_no_sign(tmp_path, monkeypatch):
+    """A SLURM job that asked for no GPUs on a GPU node: the cgroup denies
+    the device files that /dev still lists."""
+    root = _root(tmp_path, devices=["nvidia0", "nvidia1"])
+    real_open = gpus.os.open
+
+    def cgroup_open(path, flags, *args):
+        if path.endswith("nvidia1"):
+            raise PermissionError(1, "Operation not permitted", path)
+        return real_open(path, flags, *args)
+    monkeypatch.setattr(gpus.os, "open", cgroup_open)
+    assert gpus.nvidia_signs({}, root) == ["/dev/nvidia0"]
+
+
+def test_the_drivers_gpu_list_is_no_sign(tmp_path):
+    """Every container on a GPU host sees /proc/driver/nvidia, CPU ones too."""
     root = _root(tmp_path, proc_gpus=["0000:3b:00.0"])
-    (sign,) = gpus.nvidia_signs({}, root)
-    assert sign.startswith("/proc/driver/nvidia/gpus")
+    assert gpus.nvidia_signs({}, root) == []
 
 
 @pytest.mark.parametrize("environ, expected", [
@@ -96,10 +113,46 @@ def test_likely_cause(monkeypatch, loadable, build, expected):
     assert expected in gpus.likely_cause()
 
 
+def test_install_hint_is_setup_pys_pin():
+    setup = (Path(__file__).resolve().parents[1] / "setup.py").read_text()
+    (pin,) = re.findall(r'"tensorflow(>=[^"]+)"', setup)
+    assert gpus.INSTALL_CUDA == f"pip install 'tensorflow[and-cuda]{pin}'"
+
+
+class _FakeLibrary:
+    """cuDriverGetVersion(int*) and ncclGetVersion(int*) write the version
+    and return 0 (success); cudnnGetVersion() returns it."""
+
+    def __init__(self, code: int):
+        self.code = code
+
+    def __getattr__(self, name):
+        def by_pointer(pointer):
+            pointer._obj.value = self.code
+            return 0
+
+        def returned():
+            return self.code
+        if name in ("cuDriverGetVersion", "ncclGetVersion"):
+            return by_pointer
+        if name == "cudnnGetVersion":
+            return returned
+        raise AttributeError(name)
+
+
+def test_versions_are_read_from_the_libraries():
+    assert gpus._version(_FakeLibrary(12080), "cuDriverGetVersion", True) == 12080
+    assert gpus._version(_FakeLibrary(22707), "ncclGetVersion", True) == 22707
+    assert gpus._version(_FakeLibrary(91000), "cudnnGetVersion", False) == 91000
+    assert gpus._version(None, "cudnnGetVersion", False) == 0  # not loadable
+    assert gpus._version(_FakeLibrary(1), "missingFunction", True) == 0
+
+
 def test_version_codes_read_as_the_libraries_write_them():
     assert gpus.dotted(12080, "cuda") == "12.8"
     assert gpus.dotted(12050, "cuda") == "12.5"
     assert gpus.dotted(90300, "cudnn") == "9.3.0"
+    assert gpus.dotted(91000, "cudnn") == "9.10.0"
     assert gpus.dotted(22707, "nccl") == "2.27.7"
     assert gpus.dotted(0, "nccl") == "-"
 

@@ -27,6 +27,16 @@ def test_choose_collective(requested, num_gpus, multi_worker, expected):
     assert strategies.choose_collective(requested, num_gpus, multi_worker) == expected
 
 
+def test_bfloat16_gradients_never_go_through_nccl():
+    """TensorFlow's NCCL ops take no bfloat16: auto avoids NCCL for it, and
+    asking for both is refused in one line."""
+    assert strategies.choose_collective("auto", 8, True, "bfloat16") == "RING"
+    assert strategies.choose_collective("auto", 8, False, "bfloat16") == "ReductionToOneDevice"
+    with pytest.raises(UserError, match=r"^--collective=nccl cannot sum "
+                                        r"--all_reduce_dtype=bfloat16 .*; use "):
+        strategies.choose_collective("nccl", 8, True, "bfloat16")
+
+
 def test_nccl_without_gpus_is_refused_in_one_line():
     with pytest.raises(UserError, match=r"^--collective=nccl needs GPUs and this worker has "
                                          r"none; use --collective=auto \(RING on CPUs\) or ring$"):
@@ -87,6 +97,29 @@ def test_multi_worker_gpus_communication_options(fake_gpus, monkeypatch, request
     built = strategies.build_strategy("multi_worker_mirrored", collective=requested)
     assert fake_gpus["options"].implementation == expected
     assert strategies.collective_of(built) == expected.name
+
+
+def test_one_gpu_says_no_all_reduce(monkeypatch):
+    """Mirrored over a single GPU gets NCCL's ops, but never all-reduces."""
+    class OneGpu:
+        num_replicas_in_sync = 1
+
+        class extended:
+            worker_devices = ("/job:localhost/replica:0/task:0/device:GPU:0",)
+    one = OneGpu()
+    monkeypatch.setattr(strategies, "_BUILT", {("mirrored", "NCCL", "/gpu:0"): (one, "NCCL")})
+    assert strategies.describe(one) == ("OneGpu with 1 replica(s) (/job:localhost/replica:0/"
+                                        "task:0/device:GPU:0); all-reduce: none (one replica)")
+
+
+def test_a_second_collective_in_one_process_is_refused(fake_gpus, monkeypatch):
+    monkeypatch.setenv("TF_CONFIG", '{"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}, '
+                                    '"task": {"type": "worker", "index": 0}}')
+    first = strategies.build_strategy("multi_worker_mirrored")
+    assert strategies.build_strategy("multi_worker_mirrored", collective="nccl") is first
+    with pytest.raises(UserError, match="already joined its cluster with the NCCL all-reduce; "
+                                        r"--collective=ring \(RING\) needs a new process"):
+        strategies.build_strategy("multi_worker_mirrored", collective="ring")
 
 
 def test_multi_worker_cpus_get_ring(monkeypatch):

@@ -22,8 +22,9 @@ ALL_REDUCE_DTYPES = ("float32", "bfloat16")
 MIXED_PRECISION = ("off", "bf16", "fp16")
 COLLECTIVES = ("auto", "nccl", "ring")  # tfdp/strategy.py: choose_collective
 # Exit codes tfdp uses for other outcomes, which a preemption must not take:
-# 1 (a bug: Python's traceback), 2 (a user's mistake), 3 (a lost peer).
-RESERVED_EXIT_CODES = (0, 1, 2, 3)
+# 1 (a bug: Python's traceback), 2 (a user's mistake), 3 (a lost peer),
+# 130 (Ctrl-C), 137 (the join watchdog's kill: a worker that never arrived).
+RESERVED_EXIT_CODES = (0, 1, 2, 3, 130, 137)
 
 # Fields that fix the model's shape, the meaning of its tokens, or the data
 # order (a pure function of seed, step and global batch). A model_dir written
@@ -167,11 +168,13 @@ class Config:
             raise UserError(f"--preemption_grace_seconds={self.preemption_grace_seconds} must be "
                             "a positive number of seconds, a little below the scheduler's own "
                             "grace period (30 s by default on Kubernetes and SLURM)")
-        if not 0 < self.preempted_exit_code < 256 or \
+        if not 0 <= self.preempted_exit_code < 256 or \
                 self.preempted_exit_code in RESERVED_EXIT_CODES:
             raise UserError(f"--preempted_exit_code={self.preempted_exit_code} must be an exit "
-                            "status from 4 to 255 (0-3 mean success, a bug, a bad input and a "
-                            "lost worker); 75 by default, 138 for Kubeflow's ExitCode policy")
+                            "status from 4 to 255 other than 130 and 137 (tfdp's codes for "
+                            "success, a bug, a bad input, a lost worker, Ctrl-C and a worker "
+                            "that never joined); 75 by default, 138 for Kubeflow's ExitCode "
+                            "policy")
         if not 1024 <= self.slurm_port_base <= 65000:
             raise UserError(f"--slurm_port_base={self.slurm_port_base} must be a port between "
                             "1024 and 65000")

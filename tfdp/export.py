@@ -116,8 +116,12 @@ def _saved_model(model, cfg, path: str) -> str:
 
     ids = _probe(cfg)
     served = tf.saved_model.load(path).signatures["serve"](token_ids=tf.constant(ids))
+    # In 16-bit compute the saved graph and the eager model may take other
+    # kernels (on an AMD EPYC without AMX they differed by 1.4e-3): compare
+    # within bf16's precision there, which still catches a wrong weight.
+    tolerance = 1e-5 if model.dtype_policy.compute_dtype == "float32" else 2e-2
     np.testing.assert_allclose(served["logits"].numpy(), _reference_logits(model, ids),
-                               rtol=1e-5, atol=1e-5)
+                               rtol=tolerance, atol=tolerance)
     return (f"signature 'serve': int32 token_ids [batch, time <= {seq_len}] -> float32 "
             f"logits [batch, time, {vocab}]; tfdp's tokenizer in tokenizer/")
 

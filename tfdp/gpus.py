@@ -8,17 +8,20 @@ default) hides, and then lists no GPU; every strategy would quietly train on
 the CPU of a GPU node. `check_registered` turns that into one line that no
 log level hides: an error, or with --allow_cpu a warning.
 
-Signs of NVIDIA hardware, in the order they are trusted:
-  /dev/nvidia0, /dev/nvidia1, ...  device files: the driver is there and the
-                                   container runtime passed the devices in;
-  /proc/driver/nvidia/gpus/*       the host's driver lists GPUs (a container
-                                   whose device files were not passed in);
+Signs of NVIDIA GPUs given to this process:
+  /dev/nvidia0, /dev/nvidia1, ...  device files this process may open: the
+                                   container runtime passed them in, or the
+                                   host has them and no cgroup denies them
+                                   (SLURM's ConstrainDevices denies a job the
+                                   GPUs it did not ask for);
   NVIDIA_VISIBLE_DEVICES=ids       the NVIDIA device plugin or toolkit gave
                                    this container GPUs; "all" alone is not a
                                    sign, since CUDA base images set it on
                                    every machine, GPUs or not;
   CUDA_VISIBLE_DEVICES=ids         the user asked for GPUs.
-CUDA_VISIBLE_DEVICES set empty or to -1 hides the GPUs on purpose: no check.
+Not a sign: /proc/driver/nvidia, which every container on a GPU host sees,
+CPU-only ones too. CUDA_VISIBLE_DEVICES set empty or to -1 hides the GPUs
+on purpose: no check.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from tfdp.errors import UserError
 
 _HIDDEN = ("", "-1")  # CUDA_VISIBLE_DEVICES values that hide every GPU
 _NOT_A_SIGN = ("", "all", "void", "none")  # NVIDIA_VISIBLE_DEVICES values
+INSTALL_CUDA = "pip install 'tensorflow[and-cuda]>=2.21,<2.22'"  # setup.py's pin, with CUDA
 # The libraries TensorFlow 2.21 opens at start-up (and NCCL), with the NVIDIA
 # pip packages of tensorflow[and-cuda] that hold them.
 _SONAMES = {"cudnn": ("libcudnn.so.9", "cudnn"), "cublas": ("libcublas.so.12", "cublas"),
@@ -50,17 +54,25 @@ def nvidia_signs(environ=None, root: str = "/") -> list[str]:
     if cuda is not None and cuda.strip() in _HIDDEN:
         return []
     signs = []
-    devices = sorted(glob.glob(os.path.join(root, "dev", "nvidia[0-9]*")))
+    devices = [d for d in sorted(glob.glob(os.path.join(root, "dev", "nvidia[0-9]*")))
+               if _openable(d)]
     if devices:
         signs.append(", ".join("/" + os.path.relpath(d, root) for d in devices))
-    elif glob.glob(os.path.join(root, "proc", "driver", "nvidia", "gpus", "*")):
-        signs.append("/proc/driver/nvidia/gpus (no /dev/nvidia* in this container)")
     visible = environ.get("NVIDIA_VISIBLE_DEVICES", "")
     if visible.strip().lower() not in _NOT_A_SIGN:
         signs.append(f"NVIDIA_VISIBLE_DEVICES={visible}")
     if cuda:
         signs.append(f"CUDA_VISIBLE_DEVICES={cuda}")
     return signs
+
+
+def _openable(path: str) -> bool:
+    """May this process open the device file (no cgroup or mode denies it)?"""
+    try:
+        os.close(os.open(path, os.O_RDWR | os.O_NONBLOCK))
+    except OSError:
+        return False
+    return True
 
 
 def _load(soname: str, package: str | None = None):
@@ -83,8 +95,7 @@ def likely_cause() -> str:
     """Why TensorFlow registered no GPU, as far as this process can tell."""
     build = tf.sysconfig.get_build_info()
     if not build.get("is_cuda_build"):
-        return ("this TensorFlow is not built with CUDA; install the CUDA build: "
-                "pip install 'tensorflow[and-cuda]>=2.21,<2.22'")
+        return f"this TensorFlow is not built with CUDA; install the CUDA build: {INSTALL_CUDA}"
     wants = f"CUDA {build.get('cuda_version', '?')} and cuDNN {build.get('cudnn_version', '?')}"
     if _load("libcuda.so.1") is None:
         return ("the NVIDIA driver's libcuda.so.1 cannot be loaded: in a container, start it "
@@ -93,13 +104,11 @@ def likely_cause() -> str:
     missing = [p for p in ("cudnn", "cublas", "cuda_runtime") if _load(*_SONAMES[p]) is None]
     if missing:
         return (f"TensorFlow {tf.__version__} needs {wants} and cannot load "
-                f"{', '.join(_SONAMES[p][0] for p in missing)}: pip install "
-                "'tensorflow[and-cuda]>=2.21,<2.22' (the Dockerfile's GPU image has them), "
-                "or put those libraries on LD_LIBRARY_PATH")
+                f"{', '.join(_SONAMES[p][0] for p in missing)}: {INSTALL_CUDA} (the "
+                "Dockerfile's GPU image has them), or put those libraries on LD_LIBRARY_PATH")
     return (f"the CUDA libraries load but TensorFlow (built for {wants}) still found no "
             "usable GPU: check that the driver supports CUDA 12 (nvidia-smi), and run with "
             "TF_CPP_MIN_LOG_LEVEL=0 to see TensorFlow's own reason")
-
 
 
 def check_registered(allow_cpu: bool, environ=None, root: str = "/", gpus=None) -> None:

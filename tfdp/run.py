@@ -109,7 +109,7 @@ def train(cfg: Config, callbacks=(), log=print, live=None) -> dict:
     strategy = build_strategy(cfg.strategy, cfg.num_cpu_replicas,
                               collective_timeout=cfg.collective_timeout,
                               slurm_port_base=cfg.slurm_port_base, collective=cfg.collective,
-                              allow_cpu=cfg.allow_cpu)
+                              allow_cpu=cfg.allow_cpu, all_reduce_dtype=cfg.all_reduce_dtype)
     replicas = strategy.num_replicas_in_sync
     if cfg.global_batch_size % replicas:
         raise UserError(f"--global_batch_size={cfg.global_batch_size} is not divisible by the "

@@ -13,9 +13,12 @@ multi_worker_mirrored
 How the replicas all-reduce (`collective`, --collective): TensorFlow's AUTO
 picks RING, gRPC with copies through host memory, even between GPUs, unless
 NCCL is asked for by name; so tfdp asks. `choose_collective` decides from the
-worker's own devices: NCCL with GPUs, else RING across workers, or on one
-machine TensorFlow's ReductionToOneDevice (what it picks for CPUs itself).
-`collective_of(strategy)` names the one in use, for the log.
+worker's own devices: NCCL with GPUs (unless the gradients travel as
+bfloat16, which TensorFlow's NCCL ops do not take), else RING across
+workers, or on one machine TensorFlow's ReductionToOneDevice (what it picks
+for CPUs itself).
+`collective_of(strategy)` names the one in use, for the log. Every worker
+decides for itself, so the workers of one job must all have GPUs or none.
 
 Before any of this, `gpus.check_registered` refuses a GPU machine on which
 TensorFlow registered no GPU (unless `allow_cpu`): nothing trains on the CPU
@@ -53,16 +56,24 @@ def split_cpu(num_replicas: int) -> list[str]:
     return [d.name for d in logical[:num_replicas]]
 
 
-def choose_collective(requested: str, num_gpus: int, multi_worker: bool) -> str:
+def choose_collective(requested: str, num_gpus: int, multi_worker: bool,
+                      wire_dtype: str = "float32") -> str:
     """The all-reduce for `--collective=requested` on a worker with
-    `num_gpus` GPUs: NCCL, RING (across workers) or ReductionToOneDevice."""
+    `num_gpus` GPUs, summing `wire_dtype` (--all_reduce_dtype): NCCL, RING
+    (across workers) or ReductionToOneDevice."""
     if requested not in COLLECTIVES:
         raise UserError(f"--collective={requested!r} is unknown; use one of "
                         f"{', '.join(COLLECTIVES)}")
     if requested == "nccl" and not num_gpus:
         raise UserError("--collective=nccl needs GPUs and this worker has none; use "
                         "--collective=auto (RING on CPUs) or ring")
-    if requested == "nccl" or (requested == "auto" and num_gpus):
+    # TensorFlow's NCCL manager takes float16, float32, float64 and integers
+    # (tensorflow/core/nccl/nccl_manager.cc, kValidDataTypes): no bfloat16.
+    if requested == "nccl" and wire_dtype == "bfloat16":
+        raise UserError("--collective=nccl cannot sum --all_reduce_dtype=bfloat16 (TensorFlow's "
+                        "NCCL ops take no bfloat16); use --all_reduce_dtype=float32 with NCCL, "
+                        "or --collective=auto or ring for bfloat16 without it")
+    if requested == "nccl" or (requested == "auto" and num_gpus and wire_dtype != "bfloat16"):
         return NCCL
     return RING if multi_worker else TO_ONE_DEVICE
 
@@ -92,14 +103,16 @@ def collective_of(strategy: tf.distribute.Strategy) -> str:
 
 def describe(strategy: tf.distribute.Strategy) -> str:
     """The log's words for a strategy: kind, replicas, devices, all-reduce."""
-    return (f"{type(strategy).__name__} with {strategy.num_replicas_in_sync} replica(s) "
-            f"({', '.join(strategy.extended.worker_devices)}); all-reduce: "
-            f"{collective_of(strategy)}")
+    replicas = strategy.num_replicas_in_sync
+    reduce = collective_of(strategy) if replicas > 1 else "none (one replica)"
+    return (f"{type(strategy).__name__} with {replicas} replica(s) "
+            f"({', '.join(strategy.extended.worker_devices)}); all-reduce: {reduce}")
 
 
 def build_strategy(name: str, num_cpu_replicas: int = 2, *, collective_timeout: float = 600.0,
                    slurm_port_base: int = 8888, collective: str = "auto",
-                   allow_cpu: bool = False) -> tf.distribute.Strategy:
+                   allow_cpu: bool = False,
+                   all_reduce_dtype: str = "float32") -> tf.distribute.Strategy:
     """Return the strategy named by `--strategy` (see the module docstring)."""
     resolver = cluster.cluster_resolver(slurm_port_base)
     if name not in STRATEGIES:
@@ -117,11 +130,18 @@ def build_strategy(name: str, num_cpu_replicas: int = 2, *, collective_timeout: 
     local_gpus = tf.config.list_physical_devices("GPU")
     gpus.check_registered(allow_cpu, gpus=local_gpus)
     multi = name == "multi_worker_mirrored"
-    chosen = choose_collective(collective, len(local_gpus), multi)
+    chosen = choose_collective(collective, len(local_gpus), multi, all_reduce_dtype)
     if multi:
+        # One per process (TensorFlow refuses a second): asking again for
+        # another collective is an error, not a silent reuse.
+        built = _BUILT.get((name,))
+        if built is not None and built[1] != chosen:
+            raise UserError(f"this process already joined its cluster with the {built[1]} "
+                            f"all-reduce; --collective={collective} ({chosen}) needs a new "
+                            "process")
         options = tf.distribute.experimental.CommunicationOptions(
             implementation=getattr(tf.distribute.experimental.CommunicationImplementation, chosen))
-        return _cached((name, chosen), chosen,
+        return _cached((name,), chosen,
                        lambda: _multi_worker(resolver, collective_timeout, options))
     if name == "one_device":
         device = "/gpu:0" if local_gpus else "/cpu:0"

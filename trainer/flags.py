@@ -56,10 +56,11 @@ def define_strategy_flags() -> None:
     flags.DEFINE_integer("num_cpu_replicas", _D.num_cpu_replicas,
                          "Replicas when training on CPU (the CPU is split into logical devices).")
     flags.DEFINE_enum("collective", _D.collective, COLLECTIVES,
-                      "How replicas sum gradients. auto: NCCL where this worker has GPUs, "
-                      "otherwise RING (multi-worker, over gRPC) or TensorFlow's copy-based "
-                      "reduction (one machine); nccl: NCCL (GPUs only); ring: never NCCL. "
-                      "The log names the one that runs.")
+                      "How replicas sum gradients. auto: NCCL where this worker has GPUs "
+                      "(and the gradients are not sent as bfloat16, which TensorFlow's NCCL "
+                      "ops do not take), otherwise RING (multi-worker, over gRPC) or "
+                      "TensorFlow's copy-based reduction (one machine); nccl: NCCL (GPUs "
+                      "only); ring: never NCCL. The log names the one that runs.")
     flags.DEFINE_bool("allow_cpu", _D.allow_cpu,
                       "Go on on the CPU when this machine has NVIDIA GPUs (device files, "
                       "NVIDIA_VISIBLE_DEVICES or CUDA_VISIBLE_DEVICES) but TensorFlow "
@@ -113,7 +114,8 @@ def define_train_flags() -> None:
                          "optimizer moments untouched) before training stops; 0 stops at "
                          "the first.")
     flags.DEFINE_float("preemption_grace_seconds", _D.preemption_grace_seconds,
-                       "After SIGTERM: finish the step, checkpoint and exit (status 75) within "
+                       "After SIGTERM: finish the step, checkpoint and exit (status "
+                       "--preempted_exit_code) within "
                        "this many seconds; set it a little below the scheduler's grace period.")
     flags.DEFINE_integer("preempted_exit_code", _D.preempted_exit_code,
                          "Exit status after SIGTERM and the checkpoint: 75 (EX_TEMPFAIL), or a "

@@ -28,7 +28,7 @@ def test_two_replicas_pass_in_process(mirrored):
     # The GPU table: none here, so no driver, cuDNN or NCCL either.
     assert libraries.split() == ["0", "no", "GPU", "(CPU", "only)", "-", "-", "-"]
     assert any(line.startswith("strategy: MirroredStrategy with 2 replica(s)") and
-               line.endswith("all-reduce: ReductionToOneDevice") for line in lines), lines
+               line.endswith("all-reduce: RING") for line in lines), lines
 
 
 def test_the_step_check_compares_with_one_replica(mirrored):

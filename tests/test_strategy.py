@@ -14,42 +14,39 @@ from tfdp.errors import UserError
 IMPL = tf.distribute.experimental.CommunicationImplementation
 
 
-@pytest.mark.parametrize("requested, num_gpus, multi_worker, expected", [
-    ("auto", 8, True, "NCCL"),
-    ("auto", 0, True, "RING"),
-    ("auto", 2, False, "NCCL"),
-    ("auto", 0, False, "ReductionToOneDevice"),
-    ("nccl", 1, True, "NCCL"),
-    ("ring", 8, True, "RING"),
-    ("ring", 8, False, "ReductionToOneDevice"),
+@pytest.mark.parametrize("requested, num_gpus, expected", [
+    ("auto", 8, "NCCL"),
+    ("auto", 0, "RING"),
+    ("nccl", 1, "NCCL"),
+    ("ring", 8, "RING"),
 ])
-def test_choose_collective(requested, num_gpus, multi_worker, expected):
-    assert strategies.choose_collective(requested, num_gpus, multi_worker) == expected
+def test_choose_collective(requested, num_gpus, expected):
+    assert strategies.choose_collective(requested, num_gpus) == expected
 
 
 def test_bfloat16_gradients_never_go_through_nccl():
     """TensorFlow's NCCL ops take no bfloat16: auto avoids NCCL for it, and
     asking for both is refused in one line."""
-    assert strategies.choose_collective("auto", 8, True, "bfloat16") == "RING"
-    assert strategies.choose_collective("auto", 8, False, "bfloat16") == "ReductionToOneDevice"
+    assert strategies.choose_collective("auto", 8, "bfloat16") == "RING"
     with pytest.raises(UserError, match=r"^--collective=nccl cannot sum "
                                         r"--all_reduce_dtype=bfloat16 .*; use "):
-        strategies.choose_collective("nccl", 8, True, "bfloat16")
+        strategies.choose_collective("nccl", 8, "bfloat16")
 
 
 def test_nccl_without_gpus_is_refused_in_one_line():
     with pytest.raises(UserError, match=r"^--collective=nccl needs GPUs and this worker has "
                                          r"none; use --collective=auto \(RING on CPUs\) or ring$"):
-        strategies.choose_collective("nccl", 0, True)
+        strategies.choose_collective("nccl", 0)
     with pytest.raises(UserError, match="--collective='tree' is unknown; use one of auto, "
                                         "nccl, ring"):
-        strategies.choose_collective("tree", 0, True)
+        strategies.choose_collective("tree", 0)
 
 
-def test_mirrored_on_cpus_names_its_reduction(mirrored):
-    """The suite's own 2-CPU strategy: TensorFlow's copy-based reduction."""
-    assert strategies.collective_of(mirrored) == "ReductionToOneDevice"
-    assert strategies.describe(mirrored).endswith("; all-reduce: ReductionToOneDevice")
+def test_mirrored_on_cpus_sums_with_ring(mirrored):
+    """The suite's own 2-CPU strategy: RING, as TensorFlow sets for CPUs."""
+    assert strategies.collective_of(mirrored) == "RING"
+    assert strategies.describe(mirrored).endswith("; all-reduce: RING")
+    assert mirrored.extended._communication_options.implementation == IMPL.RING
     assert strategies.collective_of(strategies.build_strategy("one_device")) == \
         "none (one replica)"
 
@@ -59,6 +56,7 @@ class _Recorder:
 
     def __init__(self, *args, **kwargs):
         self.args, self.kwargs = args, kwargs
+        self.extended = type("Extended", (), {})()
 
 
 @pytest.fixture
@@ -80,13 +78,14 @@ def fake_gpus(monkeypatch):
     return given
 
 
-def test_mirrored_on_gpus_gets_nccl(fake_gpus):
-    built = strategies.build_strategy("mirrored")
-    assert built.args == (["/gpu:0", "/gpu:1"],)
-    assert isinstance(built.kwargs["cross_device_ops"], tf.distribute.NcclAllReduce)
-    assert strategies.collective_of(built) == "NCCL"
-    ring = strategies.build_strategy("mirrored", collective="ring")
-    assert isinstance(ring.kwargs["cross_device_ops"], tf.distribute.ReductionToOneDevice)
+@pytest.mark.parametrize("requested, expected", [("auto", IMPL.NCCL), ("ring", IMPL.RING)])
+def test_mirrored_on_gpus_gets_nccl(fake_gpus, requested, expected):
+    """Its collective ops take their implementation from the extended's
+    options (MirroredStrategy has no argument for them)."""
+    built = strategies.build_strategy("mirrored", collective=requested)
+    assert built.args == (["/gpu:0", "/gpu:1"],) and built.kwargs == {}
+    assert built.extended._communication_options.implementation == expected
+    assert strategies.collective_of(built) == expected.name
 
 
 @pytest.mark.parametrize("requested, expected", [("auto", IMPL.NCCL), ("nccl", IMPL.NCCL),

@@ -98,8 +98,8 @@ class Config:
     # System.
     strategy: str = "auto"
     num_cpu_replicas: int = 2
-    # How replicas all-reduce: auto is NCCL where the worker has GPUs, else
-    # RING (multi-worker) or TF's copy-based reduction (one machine).
+    # How replicas all-reduce: auto is NCCL where the worker has GPUs (and
+    # the gradients are not bfloat16), else RING (tfdp/strategy.py).
     collective: str = "auto"
     # NVIDIA GPUs present but none registered by TensorFlow (missing CUDA or
     # cuDNN libraries) is an error unless this says the CPU will do.

@@ -10,15 +10,14 @@ multi_worker_mirrored
                TF_CONFIG or SLURM (tfdp/cluster.py), every local GPU (or the
                CPU) one replica.
 
-How the replicas all-reduce (`collective`, --collective): TensorFlow's AUTO
-picks RING, gRPC with copies through host memory, even between GPUs, unless
-NCCL is asked for by name; so tfdp asks. `choose_collective` decides from the
-worker's own devices: NCCL with GPUs (unless the gradients travel as
-bfloat16, which TensorFlow's NCCL ops do not take), else RING across
-workers, or on one machine TensorFlow's ReductionToOneDevice (what it picks
-for CPUs itself).
-`collective_of(strategy)` names the one in use, for the log. Every worker
+How the replicas all-reduce (`collective`, --collective): both strategies
+sum with TensorFlow's collective ops, whose AUTO implementation is RING
+(gRPC across workers, device copies within one) unless NCCL is asked for by
+name, even between GPUs; so tfdp asks. `choose_collective` decides from the
+worker's own devices: NCCL with GPUs, unless the gradients travel as
+bfloat16, which TensorFlow's NCCL ops do not take; else RING. Every worker
 decides for itself, so the workers of one job must all have GPUs or none.
+`collective_of(strategy)` names the one in use, for the log.
 
 Before any of this, `gpus.check_registered` refuses a GPU machine on which
 TensorFlow registered no GPU (unless `allow_cpu`): nothing trains on the CPU
@@ -33,7 +32,7 @@ from tfdp import cluster, gpus, watchdog
 from tfdp.config import COLLECTIVES, STRATEGIES
 from tfdp.errors import UserError
 
-NCCL, RING, TO_ONE_DEVICE = "NCCL", "RING", "ReductionToOneDevice"
+NCCL, RING = "NCCL", "RING"
 
 
 def split_cpu(num_replicas: int) -> list[str]:
@@ -56,11 +55,9 @@ def split_cpu(num_replicas: int) -> list[str]:
     return [d.name for d in logical[:num_replicas]]
 
 
-def choose_collective(requested: str, num_gpus: int, multi_worker: bool,
-                      wire_dtype: str = "float32") -> str:
-    """The all-reduce for `--collective=requested` on a worker with
-    `num_gpus` GPUs, summing `wire_dtype` (--all_reduce_dtype): NCCL, RING
-    (across workers) or ReductionToOneDevice."""
+def choose_collective(requested: str, num_gpus: int, wire_dtype: str = "float32") -> str:
+    """The all-reduce, NCCL or RING, for `--collective=requested` on a
+    worker with `num_gpus` GPUs, summing `wire_dtype` (--all_reduce_dtype)."""
     if requested not in COLLECTIVES:
         raise UserError(f"--collective={requested!r} is unknown; use one of "
                         f"{', '.join(COLLECTIVES)}")
@@ -75,7 +72,7 @@ def choose_collective(requested: str, num_gpus: int, multi_worker: bool,
                         "or --collective=auto or ring for bfloat16 without it")
     if requested == "nccl" or (requested == "auto" and num_gpus and wire_dtype != "bfloat16"):
         return NCCL
-    return RING if multi_worker else TO_ONE_DEVICE
+    return RING
 
 
 # Strategies built in this process, by kind, devices and collective, with
@@ -129,9 +126,10 @@ def build_strategy(name: str, num_cpu_replicas: int = 2, *, collective_timeout: 
                         "--strategy=auto or multi_worker_mirrored, or unset TF_CONFIG")
     local_gpus = tf.config.list_physical_devices("GPU")
     gpus.check_registered(allow_cpu, gpus=local_gpus)
-    multi = name == "multi_worker_mirrored"
-    chosen = choose_collective(collective, len(local_gpus), multi, all_reduce_dtype)
-    if multi:
+    chosen = choose_collective(collective, len(local_gpus), all_reduce_dtype)
+    options = tf.distribute.experimental.CommunicationOptions(
+        implementation=getattr(tf.distribute.experimental.CommunicationImplementation, chosen))
+    if name == "multi_worker_mirrored":
         # One per process (TensorFlow refuses a second): asking again for
         # another collective is an error, not a silent reuse.
         built = _BUILT.get((name,))
@@ -139,8 +137,6 @@ def build_strategy(name: str, num_cpu_replicas: int = 2, *, collective_timeout: 
             raise UserError(f"this process already joined its cluster with the {built[1]} "
                             f"all-reduce; --collective={collective} ({chosen}) needs a new "
                             "process")
-        options = tf.distribute.experimental.CommunicationOptions(
-            implementation=getattr(tf.distribute.experimental.CommunicationImplementation, chosen))
         return _cached((name,), chosen,
                        lambda: _multi_worker(resolver, collective_timeout, options))
     if name == "one_device":
@@ -149,9 +145,25 @@ def build_strategy(name: str, num_cpu_replicas: int = 2, *, collective_timeout: 
                        lambda: tf.distribute.OneDeviceStrategy(device))
     devices = ([f"/gpu:{i}" for i in range(len(local_gpus))] if local_gpus
                else split_cpu(num_cpu_replicas))
-    ops = tf.distribute.NcclAllReduce() if chosen == NCCL else tf.distribute.ReductionToOneDevice()
-    return _cached((name, chosen, *devices), chosen,
-                   lambda: tf.distribute.MirroredStrategy(devices, cross_device_ops=ops))
+    return _cached((name, chosen, *devices), chosen, lambda: _mirrored(devices, options))
+
+
+def _mirrored(devices: list[str], options) -> tf.distribute.Strategy:
+    """MirroredStrategy summing with `options`' implementation.
+
+    Left to itself it sums with collective ops (CollectiveAllReduce; RING
+    on CPUs, AUTO on GPUs) and, unlike MultiWorkerMirroredStrategy, takes no
+    communication options. Every reduction it makes outside XLA (tfdp's
+    all-reduce runs in the replica function, outside its compiled
+    forward/backward) merges the options its `extended` keeps, so they are
+    set there. Passing other cross_device_ops instead (NcclAllReduce,
+    ReductionToOneDevice) changes how replica-context all-reduces run: tried
+    here, ReductionToOneDevice made tfdp's steps return no losses in the
+    fault tests (tests/test_faults.py).
+    """
+    strategy = tf.distribute.MirroredStrategy(devices)
+    strategy.extended._communication_options = options  # TF 2.21's field; see above
+    return strategy
 
 
 def _multi_worker(resolver, timeout: float, options) -> tf.distribute.Strategy:

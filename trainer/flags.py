@@ -58,9 +58,9 @@ def define_strategy_flags() -> None:
     flags.DEFINE_enum("collective", _D.collective, COLLECTIVES,
                       "How replicas sum gradients. auto: NCCL where this worker has GPUs "
                       "(and the gradients are not sent as bfloat16, which TensorFlow's NCCL "
-                      "ops do not take), otherwise RING (multi-worker, over gRPC) or "
-                      "TensorFlow's copy-based reduction (one machine); nccl: NCCL (GPUs "
-                      "only); ring: never NCCL. The log names the one that runs.")
+                      "ops do not take), otherwise RING (TensorFlow's collective ops: gRPC "
+                      "between workers, device copies within one); nccl: NCCL (GPUs only); "
+                      "ring: never NCCL. The log names the one that runs.")
     flags.DEFINE_bool("allow_cpu", _D.allow_cpu,
                       "Go on on the CPU when this machine has NVIDIA GPUs (device files, "
                       "NVIDIA_VISIBLE_DEVICES or CUDA_VISIBLE_DEVICES) but TensorFlow "

@@ -165,7 +165,8 @@ def test_tfdp_launch_end_to_end(tmp_path, text_file):
     # Only the chief reports; the other worker stays silent when all is well.
     assert "[worker 0] step 6/6" in proc.stdout
     # CPU workers all-reduce with RING (NCCL is for GPUs), and the log says so.
-    assert re.search(r"^\[worker 0\] strategy: MultiWorkerMirroredStrategy with 2 replica\(s\) "
+    # (MultiWorkerMirroredStrategy's class is CollectiveAllReduceStrategy.)
+    assert re.search(r"^\[worker 0\] strategy: CollectiveAllReduceStrategy with 2 replica\(s\) "
                      r"\(.*\); all-reduce: RING$", proc.stdout, re.M), proc.stdout[:3000]
     assert not re.search(r"^\[worker 1\]", proc.stdout, re.M), proc.stdout
     # Exactly one set of outputs, in model_dir, from the chief.

@@ -105,7 +105,10 @@ def test_two_replicas_equal_one_replica_and_manual_average(mirrored, one_device,
     manual = _manual_step(cfg, weights, windows)
     _assert_moved(weights, two)
     _assert_same(two, one)
-    _assert_same(two, manual)
+    # The hand-computed step rounds differently from TensorFlow's kernels:
+    # on an AMD EPYC it differed by 1.04e-5 with clipping (at bef87bb too),
+    # still 200 times less than a wrong reduction's ~lr.
+    _assert_same(two, manual, atol=5e-5)
     # The reported loss is the global mean, not a per-replica one.
     np.testing.assert_allclose(loss_two, loss_one, rtol=1e-5)
 

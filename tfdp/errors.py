@@ -33,6 +33,7 @@ class Preempted(UserError):
 
     exit_code = 75
 
-    def __init__(self, message: str, exit_code: int = 75):
+    def __init__(self, message: str, exit_code: int | None = None):
         super().__init__(message)
-        self.exit_code = exit_code
+        if exit_code is not None:  # --preempted_exit_code; else the class's 75
+            self.exit_code = exit_code

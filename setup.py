@@ -8,6 +8,16 @@ from setuptools import find_packages, setup
 # README edit does not rebuild that layer: the README is optional here.
 README = Path(__file__).with_name("README.md")
 
+# The dataset recipes live in data/ at the top of the repository (the design
+# card's layout) but install as `tfdp.recipes`: a top-level package named
+# `data` in site-packages would shadow, or be shadowed by, any user's own
+# `data`. package_dir maps the name to the folder, in wheels and in editable
+# installs (PEP 660's import finder: pyproject.toml makes pip use it);
+# tests/test_packaging.py checks the declaration, the install and a wheel.
+RECIPES = "tfdp.recipes"
+PACKAGES = (find_packages(include=["tfdp", "tfdp.*", "trainer", "trainer.*"])
+            + [RECIPES] + [f"{RECIPES}.{p}" for p in find_packages("data")])
+
 setup(
     name="tfdp",
     version="0.1.0",
@@ -15,7 +25,8 @@ setup(
     long_description=README.read_text(encoding="utf-8") if README.exists() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=find_packages(include=["tfdp", "tfdp.*", "trainer", "trainer.*", "data", "data.*"]),
+    packages=PACKAGES,
+    package_dir={RECIPES: "data"},
     install_requires=[
         "tensorflow>=2.21,<2.22",
         "keras>=3.15",

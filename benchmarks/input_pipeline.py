@@ -48,6 +48,7 @@ from tfdp.model import build_model  # noqa: E402
 from tfdp.optimizer import build_optimizer  # noqa: E402
 from tfdp.prepare import load_manifest, prepare  # noqa: E402
 from tfdp.step import make_train_step  # noqa: E402
+from tfdp.tasks.language_model import LanguageModelTask  # noqa: E402
 
 CONFIGS = {
     "default (4x128, ctx 128, batch 32)": Config(),
@@ -74,8 +75,9 @@ def measure(strategy, train, vocab_size: int, cfg: Config, steps: int, rounds: i
         keras.utils.set_random_seed(cfg.seed)
         model = build_model(cfg, vocab_size)
         optimizer = build_optimizer(cfg, model.trainable_variables)
-    train_step = make_train_step(strategy, model, optimizer, cfg.global_batch_size,
-                                 cfg.seq_len, cfg.clip_norm, True)
+    train_step = make_train_step(strategy, model, optimizer,
+                                 LanguageModelTask(cfg, vocab_size), cfg.global_batch_size,
+                                 cfg.clip_norm, True)
 
     @tf.function
     def take(iterator):
@@ -114,10 +116,10 @@ def main() -> None:
 
 def _cases(args, tmp: str):
     """(name, config, training data, vocabulary size) for each measurement."""
-    import data as recipes
+    from tfdp import recipes
     if args.stream:
-        from data.tfds_text import TfdsText
         from tfdp.prepare import prepare_stream
+        from tfdp.recipes.tfds_text import TfdsText
         from tfdp.stream import TextStream
         from tfdp.tokenizers import load_tokenizer
         data_dir = _stdlib_as_tfds(recipes.source_files("stdlib"), os.path.join(tmp, "tfds"))

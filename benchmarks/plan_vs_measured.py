@@ -95,7 +95,7 @@ def main() -> None:
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    import data as recipes
+    from tfdp import recipes
     from tfdp.prepare import prepare
 
     rows = []

@@ -112,7 +112,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def load_splits(spec: str | None, cfg: Config, tmp: str):
     """(train Split, val Split, manifest): a prepared dir as is, else text
     (default: the stdlib corpus) prepared into `tmp` as tfdp-train would."""
-    import data as recipes
+    from tfdp import recipes
     from tfdp.dataset import Split
     from tfdp.prepare import is_prepared, load_manifest, prepare
 
@@ -176,7 +176,7 @@ class Variant:
 
 class TfdpVariant(Variant):
     """tfdp's own pieces as tfdp.run.train uses them; the step is called as
-    tfdp.loop.Trainer calls it (float(loss) after every call)."""
+    tfdp.runner.Runner calls it (float(loss) after every call)."""
 
     def __init__(self, name, short, strategy, vocab_size: int, train, cfg: Config, jit: bool,
                  per_call: int):
@@ -187,6 +187,7 @@ class TfdpVariant(Variant):
         from tfdp.model import build_model
         from tfdp.optimizer import build_optimizer
         from tfdp.step import make_train_step
+        from tfdp.tasks.language_model import LanguageModelTask
 
         self.name, self.short, self.per_call, self.jit = name, short, per_call, jit
         with strategy.scope():
@@ -195,8 +196,9 @@ class TfdpVariant(Variant):
             optimizer = build_optimizer(cfg, self.model.trainable_variables)
             scale = DynamicLossScale() if cfg.mixed_precision == "fp16" else None
         self.dtype = self.model.backbone.compute_dtype
-        self.step = make_train_step(strategy, self.model, optimizer, cfg.global_batch_size,
-                                    cfg.seq_len, cfg.clip_norm, jit, loss_scale=scale)
+        self.step = make_train_step(strategy, self.model, optimizer,
+                                    LanguageModelTask(cfg, vocab_size), cfg.global_batch_size,
+                                    cfg.clip_norm, jit, loss_scale=scale)
         dataset = strategy.distribute_datasets_from_function(
             train_dataset_fn(train, cfg.global_batch_size, cfg.seed, 0))
         self.iterator = iter(dataset)

@@ -115,7 +115,9 @@ def worker(args) -> None:
             return {"loss": tf.reshape(strategy.reduce("SUM", loss, axis=None), [1])}
     else:
         wire = "bfloat16" if args.variant == "tfdp-bf16-wire" else "float32"
-        step = make_train_step(strategy, model, optimizer, cfg.global_batch_size, SEQ_LEN,
+        from tfdp.tasks.language_model import LanguageModelTask
+        task = LanguageModelTask(cfg, model.backbone.vocabulary_size)
+        step = make_train_step(strategy, model, optimizer, task, cfg.global_batch_size,
                                cfg.clip_norm, True, all_reduce_dtype=wire,
                                grad_accum_steps=cfg.grad_accum_steps)
     iterator = iter(strategy.distribute_datasets_from_function(
@@ -225,7 +227,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = args.data
         if data_dir is None:
-            import data as recipes
+            from tfdp import recipes
             from tfdp.prepare import prepare
             data_dir = os.path.join(tmp, "data")
             prepare(recipes.source_files("stdlib"), data_dir, "byte", log=lambda *_: None)

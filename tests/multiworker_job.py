@@ -26,15 +26,13 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-import tfdp.step
-from tfdp.checkpoints import make_checkpoint
 from tfdp.config import Config
-from tfdp.loop import Trainer
-from tfdp.loss_scale import DynamicLossScale
-from tfdp.model import build_model
 from tfdp.optimizer import build_optimizer
 from tfdp.prepare import load_manifest
 from tfdp.run import load_splits
+from tfdp.runner import Runner, Schedule
+from tfdp.tasks import language_model
+from tfdp.tasks.language_model import LanguageModelTask
 
 CFG = Config(num_layers=1, num_heads=2, hidden_dim=32, intermediate_dim=64, seq_len=32,
              global_batch_size=8, train_steps=20, eval_every=10, checkpoint_every=10,
@@ -60,15 +58,13 @@ def train_weights(strategy, data_dir: str, checkpoint_dir: str, cfg: Config = CF
                   callbacks=()):
     """Train cfg.train_steps steps on data_dir; return (weights, last logs)."""
     train, val = load_splits(cfg, data_dir, strategy)  # this worker's part, as tfdp-train
-    with strategy.scope():
-        keras.utils.set_random_seed(cfg.seed)
-        model = build_model(cfg, load_manifest(data_dir)["vocab_size"])
-        optimizer = build_optimizer(cfg, model.trainable_variables)
-        loss_scale = DynamicLossScale()
-    checkpoint = make_checkpoint(model, optimizer, 1, loss_scale)
-    manager = tf.train.CheckpointManager(checkpoint, checkpoint_dir, 1)
-    logs = Trainer(cfg, strategy, model, optimizer, train, val, manager, callbacks).fit()
-    return model.get_weights(), logs
+    task = LanguageModelTask(cfg, load_manifest(data_dir)["vocab_size"], train, val)
+    # Every worker writes its own directory: each runs its callbacks there.
+    runner = Runner(strategy, task, Schedule.of(cfg, keep_checkpoints=1),
+                    lambda v: build_optimizer(cfg, v), checkpoint_dir, callbacks=callbacks,
+                    log=lambda *_: None, resume=False)
+    logs = runner.fit()
+    return runner.model.get_weights(), logs
 
 
 class _HangInsideAStep(keras.callbacks.Callback):
@@ -81,7 +77,7 @@ class _HangInsideAStep(keras.callbacks.Callback):
     def __init__(self, step: int):
         super().__init__()
         self.step = step
-        real = tfdp.step._token_losses
+        real = language_model.token_losses
 
         def block_when_hanging():
             if self.hanging.is_set():
@@ -89,7 +85,7 @@ class _HangInsideAStep(keras.callbacks.Callback):
                 os.kill(os.getpid(), signal.SIGTERM)
                 time.sleep(10_000)
             return np.float32(1.0)
-        tfdp.step._token_losses = lambda *args, **kwargs: real(*args, **kwargs) * \
+        language_model.token_losses = lambda *args, **kwargs: real(*args, **kwargs) * \
             tf.py_function(block_when_hanging, [], tf.float32)
 
     def on_train_batch_end(self, batch, logs=None):

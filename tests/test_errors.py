@@ -1,7 +1,7 @@
 """A user's mistakes: one clear line, non-zero exit, no traceback, nothing written.
 
 Most checks call the library in-process (`Config.validate`, `parse_tf_config`,
-`prepare`, `data.source_files`, `tfdp.run.train`): each CLI process pays
+`prepare`, `recipes.source_files`, `tfdp.run.train`): each CLI process pays
 several seconds of imports, so the subprocess cases below are a representative
 set that proves the contract end to end through the console scripts.
 """
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-import data
 from conftest import run_cli, tiny_text
+from tfdp import recipes
 from tfdp.config import Config
 from tfdp.errors import UserError
 from tfdp.prepare import prepare
@@ -161,7 +161,7 @@ def test_parse_tf_config_accepts_a_cluster():
 
 def test_source_files_missing_path_names_it():
     with pytest.raises(UserError, match="/nonexistent/x.txt"):
-        data.source_files("/nonexistent/x.txt")
+        recipes.source_files("/nonexistent/x.txt")
 
 
 @pytest.mark.parametrize("layout", ["empty_file", "dir_of_empty_files"])
@@ -176,7 +176,7 @@ def test_prepare_empty_corpus(tmp_path, layout):
         spec = str(tmp_path / "corpus")
     out = tmp_path / "out"
     with pytest.raises(UserError, match="corpus is empty"):
-        prepare(data.source_files(spec), str(out), log=lambda *_: None)
+        prepare(recipes.source_files(spec), str(out), log=lambda *_: None)
     assert_nothing_written(out)
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import tfdp.step
+from tfdp.tasks import language_model
 from tfdp.config import Config
 from tfdp.errors import UserError
 from tfdp.restore import load_trained
@@ -56,8 +56,8 @@ def poison(monkeypatch, mirrored):
     device that holds them); train() reuses this process's strategy."""
     with mirrored.scope():
         factor = tf.Variable(1.0, trainable=False)
-    real = tfdp.step._token_losses
-    monkeypatch.setattr(tfdp.step, "_token_losses",
+    real = language_model.token_losses
+    monkeypatch.setattr(language_model, "token_losses",
                         lambda *args, **kwargs: real(*args, **kwargs) * factor)
     return lambda steps, value=float("nan"): _Poison(factor, steps, value)
 

@@ -22,11 +22,12 @@ from conftest import run_cli
 from tfdp import classdata
 from tfdp.config import Config
 from tfdp.errors import UserError
-from tfdp.finetune import (FinetuneConfig, build_classifier, distribute, finetune,
-                           load_finetuned, make_steps, predict)
+from tfdp.finetune import FinetuneConfig, finetune, load_finetuned, predict
 from tfdp.optimizer import build_optimizer
-from tfdp.restore import load_run, restore_weights
+from tfdp.restore import load_run
 from tfdp.run import train
+from tfdp.step import make_train_step
+from tfdp.tasks.classification import ClassificationTask
 from test_training import TINY
 
 POSITIVE = "good great excellent wonderful lovely superb delightful fantastic pleasant".split()
@@ -140,15 +141,17 @@ def test_two_replicas_update_as_one(pretrained, mirrored, one_device):
     ids, mask = classdata.pack(tokenizer.encode([t.encode() for t, _ in rows]), 12,
                                tokenizer.eot_id)
     data = (ids, mask, np.array([y for _, y in rows], np.int32))
+    task = ClassificationTask(cfg, tokenizer.vocab_size, 2, "last", 12, 7, run, data, data)
     weights = []
     for strategy in (one_device, mirrored):
         with strategy.scope():
-            model = build_classifier(cfg, tokenizer.vocab_size, 2, "last", 12, seed=7)
-            restore_weights(model, run)
+            model = task.build_model()
+            task.initialize(model, quiet)
             optimizer = build_optimizer(Config(learning_rate=1e-2, warmup_steps=0,
                                                train_steps=1), model.trainable_variables)
-        train_step, _ = make_steps(strategy, model, optimizer, 8, 1.0, jit_compile=False)
-        dataset = distribute(strategy, data, np.arange(8), 8)
+        train_step = make_train_step(strategy, model, optimizer, task, 8, 1.0,
+                                     jit_compile=False)
+        dataset = strategy.distribute_datasets_from_function(task.train_dataset_fn(8, 3, 0))
         train_step(iter(dataset))
         weights.append([v.numpy() for v in model.trainable_variables])
     for one, two in zip(*weights):

@@ -137,19 +137,18 @@ def test_whole_shard_files_per_worker(tmp_path, sharded_dir, one_device):
     w0, w1, logs = _run_pair(tmp_path, sharded_dir)
     for a, b in zip(w0, w1):
         np.testing.assert_array_equal(a, b)
-    from tfdp.dataset import Split, eval_dataset_fn, eval_steps_for
-    from tfdp.model import build_model
+    from tfdp.dataset import Split
+    from tfdp.runner import evaluate_task
     from tfdp.step import make_eval_step
-    with one_device.scope():
-        model = build_model(CFG, 257)
-    model.set_weights(w0)
+    from tfdp.tasks.language_model import LanguageModelTask
     everything = Split(sharded_dir, "val", CFG.seq_len)  # all files, one process
-    batch = CFG.global_batch_size
-    dataset = one_device.distribute_datasets_from_function(
-        eval_dataset_fn(everything, batch, eval_steps_for(everything, batch)))
-    step = make_eval_step(one_device, model)
-    sums = np.sum([[float(x) for x in step(b)] for b in dataset], axis=0)
-    np.testing.assert_allclose(logs["val_loss"], sums[0] / sums[1], rtol=1e-5)
+    task = LanguageModelTask(CFG, 257, val=everything)
+    with one_device.scope():
+        model = task.build_model()
+    model.set_weights(w0)
+    step = make_eval_step(one_device, model, task)
+    metrics = evaluate_task(one_device, step, task, CFG.global_batch_size)
+    np.testing.assert_allclose(logs["val_loss"], metrics["loss"], rtol=1e-5)
     assert logs["val_loss"] < 5.0 < np.log(257)  # it learned something in 20 steps
 
 

@@ -50,8 +50,9 @@ def test_a_worker_with_other_code_is_named(tmp_path):
     """Worker 1 imports a copy of tfdp with one changed line: both workers
     exit 1, and the chief's table names worker 1's code."""
     alt = tmp_path / "alt"
-    for package in ("tfdp", "data", "trainer"):
-        shutil.copytree(ROOT / package, alt / package,
+    # Laid out as a wheel installs it: data/ becomes tfdp/recipes/ (setup.py).
+    for source, target in (("tfdp", "tfdp"), ("data", "tfdp/recipes"), ("trainer", "trainer")):
+        shutil.copytree(ROOT / source, alt / target,
                         ignore=shutil.ignore_patterns("__pycache__"))
     with open(alt / "tfdp" / "flops.py", "a") as f:
         f.write("# a worker with a local edit\n")

@@ -16,6 +16,7 @@ from tfdp.loss_scale import DynamicLossScale
 from tfdp.model import build_model, logits
 from tfdp.optimizer import build_optimizer
 from tfdp.step import make_train_step
+from tfdp.tasks.language_model import LanguageModelTask
 
 B, T, V = 8, 16, 50
 CFG = Config(num_layers=2, num_heads=2, hidden_dim=32, intermediate_dim=64, seq_len=T,
@@ -41,8 +42,9 @@ def _step_with(strategy, cfg, weights, windows, steps=1, loss_scale=None, outs=N
         model.set_weights(weights)
         optimizer = build_optimizer(cfg, model.trainable_variables)
         scale = loss_scale() if loss_scale else None
-    step = make_train_step(strategy, model, optimizer, cfg.global_batch_size, cfg.seq_len,
-                           cfg.clip_norm, cfg.jit_compile, cfg.all_reduce_dtype,
+    step = make_train_step(strategy, model, optimizer, LanguageModelTask(cfg, V),
+                           cfg.global_batch_size, cfg.clip_norm, cfg.jit_compile,
+                           cfg.all_reduce_dtype,
                            grad_accum_steps=cfg.grad_accum_steps, loss_scale=scale)
 
     def dataset_fn(ctx):
@@ -128,7 +130,7 @@ def test_mirrored_variables_hold_the_same_value_on_every_replica(mirrored):
         model = build_model(CFG, V)
         model.set_weights(weights)
         optimizer = build_optimizer(CFG, model.trainable_variables)
-    step = make_train_step(mirrored, model, optimizer, B, T, 0.0)
+    step = make_train_step(mirrored, model, optimizer, LanguageModelTask(CFG, V), B, 0.0)
     dist = mirrored.distribute_datasets_from_function(
         lambda ctx: tf.data.Dataset.from_tensor_slices(windows).repeat().batch(B // 2))
     step(iter(dist))

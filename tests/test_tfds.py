@@ -16,13 +16,13 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from conftest import run_cli
-from data.tfds_text import TfdsText
 from tfdp.config import Config
 from tfdp.errors import UserError
 from tfdp.evaluate import evaluate
 from tfdp.run import train
 from tfdp.stream import TextStream, stream_windows
 from tfdp.prepare import prepare_stream
+from tfdp.recipes.tfds_text import TfdsText
 from tfdp.tokenizers import ByteTokenizer, train_tokenizer
 from test_training import TINY
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import data
 from conftest import tiny_text
+from tfdp import recipes
 from tfdp.errors import UserError
 from tfdp.prepare import MANIFEST, prepare, split_documents
 from tfdp.tokenizers import (ByteTokenizer, CharTokenizer, load_tokenizer,
@@ -142,7 +142,7 @@ def test_keras_hub_tokenizer_trains_saves_and_loads(kind, tmp_path):
 @pytest.fixture(scope="module")
 def corpus() -> list[bytes]:
     """Part of the default corpus (the stdlib's sources) and non-ASCII text."""
-    files = data.source_files("stdlib")[:40]
+    files = recipes.source_files("stdlib")[:40]
     return [f.read_bytes() for f in files] + [
         "Grüße aus Köln — «ça va?» 東京タワー 🎉\tdouble  spaces,  trailing \n\n\r\n".encode()]
 
@@ -289,7 +289,7 @@ def test_prepare_into_existing_empty_output(tmp_path):
     assert (out / MANIFEST).is_file()
 
 
-# --- data.source_files ------------------------------------------------------
+# --- recipes.source_files ---------------------------------------------------
 
 
 @pytest.fixture
@@ -305,21 +305,21 @@ def tree(tmp_path):
 
 
 def test_source_files_directory_skips_hidden(tree):
-    files = data.source_files(str(tree))
+    files = recipes.source_files(str(tree))
     assert [f.relative_to(tree).as_posix() for f in files] == \
         ["a.txt", "b.txt", "c.md", "sub/d.txt", "sub/deeper/e.txt"]
 
 
 def test_source_files_glob(tree):
-    files = data.source_files(str(tree / "*.txt"))
+    files = recipes.source_files(str(tree / "*.txt"))
     assert [f.name for f in files] == ["a.txt", "b.txt"]  # sorted; hidden not matched
-    recursive = data.source_files(str(tree / "**" / "*.txt"))
+    recursive = recipes.source_files(str(tree / "**" / "*.txt"))
     assert sorted(f.name for f in recursive) == ["a.txt", "b.txt", "d.txt", "e.txt"]
 
 
 def test_source_files_comma_list_keeps_order_and_dedupes(tree):
     spec = f"{tree / 'c.md'}, {tree / 'sub'},{tree / 'a.txt'},,{tree / 'c.md'}"
-    files = data.source_files(spec)
+    files = recipes.source_files(spec)
     assert [f.name for f in files] == ["c.md", "d.txt", "e.txt", "a.txt"]
 
 
@@ -331,19 +331,19 @@ def test_source_files_comma_list_keeps_order_and_dedupes(tree):
 ])
 def test_source_files_errors(tree, spec, message):
     with pytest.raises(UserError, match=message):
-        data.source_files(spec.format(tree=tree))
+        recipes.source_files(spec.format(tree=tree))
 
 
 def test_source_files_empty_directory_is_an_error(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / ".only_hidden").write_text("x")
     with pytest.raises(UserError, match="no files found"):
-        data.source_files(str(tmp_path / "empty"))
+        recipes.source_files(str(tmp_path / "empty"))
 
 
 def test_stdlib_corpus():
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = data.source_files("stdlib")
+    files = recipes.source_files("stdlib")
     assert len(files) > 300
     assert files == sorted(files)
     relative = [f.relative_to(root) for f in files]

@@ -37,12 +37,20 @@ def staged_directory(target: str, prefix: str = ".tfdp-staging-"):
     try:
         build = os.path.join(staging, "out")  # normal permissions, unlike mkdtemp's 0700
         yield build
-        if os.path.isdir(target):
-            os.rmdir(target)  # empty, or this raises and nothing is replaced
-        os.rename(build, target)
+        os.makedirs(build, exist_ok=True)  # a block that wrote nothing still gives a directory
+        publish(build, target)
     except BaseException:
         if created:
             shutil.rmtree(created, ignore_errors=True)
         raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def publish(built: str, target: str) -> None:
+    """Rename the finished directory `built` to `target` (missing, or an
+    empty directory, which it replaces) on the same file system: one atomic
+    step. A non-empty `target` raises OSError and stays as it was."""
+    if os.path.isdir(target):
+        os.rmdir(target)  # empty, or this raises and nothing is replaced
+    os.rename(built, target)

@@ -1,12 +1,13 @@
 """tfdp's own Keras callbacks: console progress and TensorBoard summaries.
 
-The Trainer calls every callback (these and any the user passes) through
-`keras.callbacks.CallbackList` with the usual hooks. Its conventions:
-`on_train_batch_end(batch, logs)` gets the 0-based global step index, so
-step `batch + 1` has just completed; an "epoch" is the span of
+The Runner (tfdp/runner.py) calls every callback (these and any the user
+passes) through `keras.callbacks.CallbackList` with the usual hooks. Its
+conventions: `on_train_batch_end(batch, logs)` gets the 0-based global step
+index, so step `batch + 1` has just completed; an "epoch" is the span of
 `eval_every` steps that ends with a validation, and `on_epoch_end` logs
-carry both the train metrics and `val_loss`, `val_perplexity`,
-`val_bits_per_byte`.
+carry both the train metrics and the task's evaluation metrics under its
+prefix (`val_loss`, `val_perplexity`, `val_bits_per_byte` for language
+modelling; `eval_loss`, `eval_accuracy` for classification).
 """
 
 from __future__ import annotations
@@ -26,6 +27,12 @@ def _duration(seconds: float) -> str:
         f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+# Evaluation metrics on the console: their names and order (Keras does not
+# keep the order of the logs it passes on).
+_LABELS = {"bits_per_byte": "bits/byte"}
+_ORDER = {"loss": 0, "perplexity": 1, "bits_per_byte": 2, "accuracy": 3}
+
+
 class ProgressLogger(keras.callbacks.Callback):
     """Console progress on the chief.
 
@@ -41,9 +48,11 @@ class ProgressLogger(keras.callbacks.Callback):
 
     REDRAW_SECONDS = 0.1
 
-    def __init__(self, total_steps: int, every: int, print_fn=print, live=None):
+    def __init__(self, total_steps: int, every: int, print_fn=print, live=None,
+                 prefix: str = "val_"):
         super().__init__()
         self.total_steps, self.every, self.print_fn = total_steps, every, print_fn
+        self.prefix = prefix  # of the evaluation metrics in on_epoch_end's logs
         self.live = live
         self.step, self.val_loss, self.logs = 0, None, {}
         self._drawn, self._last_draw = "", 0.0
@@ -64,11 +73,14 @@ class ProgressLogger(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
-        if "val_loss" in logs:
-            self.val_loss = logs["val_loss"]
-            self.say(f"validation at step {self.step} | loss {logs['val_loss']:.4f} | "
-                     f"perplexity {logs['val_perplexity']:.3f} | "
-                     f"bits/byte {logs['val_bits_per_byte']:.4f}")
+        if self.prefix + "loss" in logs:
+            self.val_loss = logs[self.prefix + "loss"]
+            metrics = {k[len(self.prefix):]: v for k, v in logs.items()
+                       if k.startswith(self.prefix)}
+            names = sorted(metrics, key=lambda m: (_ORDER.get(m, len(_ORDER)), m))
+            shown = [f"{_LABELS.get(m, m)} {metrics[m]:.{3 if m == 'perplexity' else 4}f}"
+                     for m in names]
+            self.say(" | ".join([f"validation at step {self.step}", *shown]))
 
     def on_train_end(self, logs=None):
         self._clear()  # the last step's plain line is already above
@@ -126,7 +138,7 @@ class TensorBoardSummaries(keras.callbacks.Callback):
     """
 
     def __init__(self, logdir: str, start_step: int = 0, config_json: str | None = None,
-                 sample_fn=None, graph_fn=None):
+                 sample_fn=None, graph_fn=None, prefix: str = "val_"):
         super().__init__()
         for split in ("train", "val"):
             drop_events_after(os.path.join(logdir, split), start_step)
@@ -134,17 +146,19 @@ class TensorBoardSummaries(keras.callbacks.Callback):
         self.val_writer = tf.summary.create_file_writer(os.path.join(logdir, "val"))
         self.logdir, self.step, self.start_step = logdir, start_step, start_step
         self.config_json, self.sample_fn, self.graph_fn = config_json, sample_fn, graph_fn
+        self.prefix = prefix  # of the evaluation metrics, written under logdir/val
 
     def on_train_begin(self, logs=None):
         with self.train_writer.as_default(step=self.start_step):
             if self.config_json is not None:  # Markdown: a code block keeps the layout
                 tf.summary.text("config", "```\n" + self.config_json + "\n```")
         self.train_writer.flush()
-        if self.graph_fn is not None and self.start_step == 0:
+        graph = self.graph_fn() if self.graph_fn is not None and self.start_step == 0 else None
+        if graph is not None:
             # A run of its own (logdir/graph): the GraphDef is large, and the
             # train events file stays small enough to rewrite on resume.
             with tf.summary.create_file_writer(os.path.join(self.logdir, "graph")).as_default():
-                tf.summary.graph(self.graph_fn())
+                tf.summary.graph(graph)
 
     def on_train_batch_end(self, batch, logs=None):
         self.step = batch + 1
@@ -155,10 +169,11 @@ class TensorBoardSummaries(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         with self.val_writer.as_default(step=self.step):
             for name, value in (logs or {}).items():
-                if name.startswith("val_"):
-                    tf.summary.scalar(name[4:], value)
-            if self.sample_fn is not None:
-                tf.summary.text("sample", "```\n" + self.sample_fn(self.model) + "\n```")
+                if name.startswith(self.prefix):
+                    tf.summary.scalar(name[len(self.prefix):], value)
+            sample = self.sample_fn(self.model) if self.sample_fn is not None else None
+            if sample is not None:
+                tf.summary.text("sample", "```\n" + sample + "\n```")
         self.val_writer.flush()
         self.train_writer.flush()
 
@@ -196,3 +211,40 @@ def _events(path: str):
             yield tf.compat.v1.Event.FromString(record.numpy())
     except tf.errors.DataLossError:
         return
+
+
+def from_factories(specs: list[str]) -> list[keras.callbacks.Callback]:
+    """The callbacks that `package.module:factory` specs (--callbacks) make:
+    each factory is imported, called with no arguments, and returns a Keras
+    callback or a list of them. Any failure is one UserError line naming the
+    spec, so a Docker user's typo does not end in a traceback."""
+    import importlib
+
+    from tfdp.errors import UserError
+
+    made = []
+    for spec in specs:
+        module_name, _, attr = spec.partition(":")
+        if not module_name or not attr:
+            raise UserError(f"--callbacks={spec!r} is not package.module:factory; name the "
+                            "module and the function that returns the callbacks")
+        try:
+            factory = getattr(importlib.import_module(module_name), attr)
+        except ImportError as err:
+            raise UserError(f"--callbacks={spec}: cannot import {module_name} ({err}); put "
+                            "its directory on PYTHONPATH or install it") from None
+        except AttributeError:
+            raise UserError(f"--callbacks={spec}: {module_name} has no {attr!r}") from None
+        try:
+            out = factory()
+        except Exception as err:  # noqa: BLE001  (the user's code: say whose it is)
+            raise UserError(f"--callbacks={spec}: the factory raised "
+                            f"{type(err).__name__}: {err}") from None
+        out = list(out) if isinstance(out, (list, tuple)) else [out]
+        wrong = [type(c).__name__ for c in out if not isinstance(c, keras.callbacks.Callback)]
+        if wrong:
+            raise UserError(f"--callbacks={spec}: the factory returned {', '.join(wrong)}, "
+                            "not keras.callbacks.Callback; return a callback or a list of "
+                            "them")
+        made.extend(out)
+    return made

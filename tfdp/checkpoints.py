@@ -24,12 +24,13 @@ from tfdp.errors import UserError
 SUM = tf.distribute.ReduceOp.SUM
 
 
-def make_checkpoint(model, optimizer, input_pipelines: int,
+def make_checkpoint(parts: dict, model, optimizer, input_pipelines: int,
                     loss_scale) -> tf.train.Checkpoint:
     """Everything that decides the rest of training, so a resumed run goes on
     exactly as an uninterrupted one would:
 
-    - backbone: the weights;
+    - `parts`: the weights, as the task names them (tfdp.tasks.Task.
+      checkpoint_parts: `backbone`, and a classifier's `head`);
     - optimizer: Adam moments and `iterations`, the step counter, from which
       the learning-rate schedule and the data position follow;
     - rng: the dropout layers' seed-generator states (keras-hub's backbone
@@ -46,7 +47,7 @@ def make_checkpoint(model, optimizer, input_pipelines: int,
     rng = {f"seed_{i}": v for i, v in enumerate(model.non_trainable_variables)
            if "seed_generator_state" in v.path}
     return tf.train.Checkpoint(
-        backbone=model.backbone, optimizer=optimizer, rng=rng, loss_scale=loss_scale,
+        **parts, optimizer=optimizer, rng=rng, loss_scale=loss_scale,
         nonfinite_steps=tf.Variable(0, dtype=tf.int64, trainable=False),
         input_pipelines=tf.Variable(input_pipelines, dtype=tf.int64, trainable=False))
 
@@ -75,7 +76,8 @@ def save(manager: tf.train.CheckpointManager, step: int) -> None:
 # Parts added to make_checkpoint after checkpoints were first written:
 # older checkpoints lack them, and they keep their initial values.
 _ADDED_LATER = ("loss_scale",)
-_PARTS = ("backbone", "optimizer", "rng", "nonfinite_steps", "input_pipelines") + _ADDED_LATER
+_PARTS = ("backbone", "head", "optimizer", "rng", "nonfinite_steps",
+          "input_pipelines") + _ADDED_LATER
 
 
 def _restorable(checkpoint: tf.train.Checkpoint, path: str) -> tf.train.Checkpoint:
@@ -85,29 +87,56 @@ def _restorable(checkpoint: tf.train.Checkpoint, path: str) -> tf.train.Checkpoi
     if not missing:
         return checkpoint
     return tf.train.Checkpoint(**{part: getattr(checkpoint, part) for part in _PARTS
-                                  if part not in missing})
+                                  if part not in missing and hasattr(checkpoint, part)})
 
 
-def restore_newest_readable(checkpoint: tf.train.Checkpoint, directory: str, say) -> None:
-    """Restore the newest checkpoint that reads back whole; a truncated or
-    corrupt newer one (a crash mid-write, a full disk) is skipped with a
-    warning, and the files stay for inspection."""
+def checkpoint_paths(directory: str) -> list[str]:
+    """The checkpoints the `checkpoint` state file of `directory` lists, oldest
+    first (absolute paths); [] when there is none."""
     state = tf.train.get_checkpoint_state(directory)
-    paths = list(state.all_model_checkpoint_paths) if state else []
+    if state is None:
+        return []
+    return list(state.all_model_checkpoint_paths) or (
+        [state.model_checkpoint_path] if state.model_checkpoint_path else [])
+
+
+def restore_newest(checkpoint: tf.train.Checkpoint, directory: str, say, partial: bool = False,
+                   fix: str = "move that model_dir aside and start a new run") -> str | None:
+    """Restore into `checkpoint` the newest checkpoint of `directory` that
+    reads back whole and return its path (None: there is none). A truncated
+    or corrupt newer one (a crash mid-write, a full disk) is skipped with a
+    `say` warning and its files stay for inspection; when none reads, one
+    UserError naming `directory` and `fix`. With `partial`, `checkpoint`
+    names only some of what was saved (a reader's weights, no optimizer).
+
+    The one fallback every checkpoint reader uses: resuming training
+    (restore_newest_readable) and tfdp.restore (generate, eval, export,
+    fine-tuning)."""
+    paths = checkpoint_paths(directory)
     for i, path in enumerate(reversed(paths)):
         try:
-            _restorable(checkpoint, path).restore(path).assert_existing_objects_matched()
+            if partial:
+                checkpoint.restore(path).expect_partial().assert_existing_objects_matched()
+            else:
+                _restorable(checkpoint, path).restore(path).assert_existing_objects_matched()
         except (tf.errors.OpError, ValueError, AssertionError, IndexError, OSError) as err:
             text = str(err).strip()
             reason = text.splitlines()[0][:160] if text else type(err).__name__
             say(f"warning: checkpoint {path} is unreadable ({reason}); "
                 + ("trying the previous one" if i + 1 < len(paths) else "none is left"))
             continue
-        say(f"resumed from step {int(checkpoint.optimizer.iterations.numpy())} ({path})")
-        return
+        return path
     if paths:
-        raise UserError(f"no checkpoint in {directory} can be read; move that model_dir "
-                        "aside and start a new run")
+        raise UserError(f"no checkpoint in {directory} can be read ({len(paths)} tried); {fix}")
+    return None
+
+
+def restore_newest_readable(checkpoint: tf.train.Checkpoint, directory: str, say) -> None:
+    """Resume training: restore the newest readable checkpoint of `directory`
+    (restore_newest) and say which; nothing when there is none yet."""
+    path = restore_newest(checkpoint, directory, say)
+    if path is not None:
+        say(f"resumed from step {int(checkpoint.optimizer.iterations.numpy())} ({path})")
 
 
 def check_same_step(strategy, iterations) -> None:

@@ -92,7 +92,7 @@ def _read_csv(path: str, text_column: str, label_column: str) -> Examples:
 
 def _read_tfds(spec: str, text_column: str, label_column: str, default_split: str,
                data_dir: str | None, download: bool, flag: str) -> Examples:
-    from data.tfds_text import TfdsText  # TFDS is imported only when asked for: it is slow
+    from tfdp.recipes.tfds_text import TfdsText  # TFDS is imported only when asked for: it is slow
 
     # TFDS warns through absl (Python logging) while it looks for data; the
     # outcome is reported in one line (TfdsText's errors).

@@ -9,55 +9,30 @@ batch by batch in Python floats), so the same inputs on the same replicas
 give the same digits (the same --batch_size too: it decides the padding
 and the order of the sums).
 
-Training validates with `score`; `tfdp-eval` runs `evaluate`.
+Training validates the same way (tfdp.runner.evaluate_task with the
+language-model task); `tfdp-eval` runs `evaluate`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import math
 import os
 import shutil
 import tempfile
 
-import data as recipes
-from data.tfds_text import TfdsText, is_tfds
+from tfdp import recipes
 from tfdp.config import Config
-from tfdp.dataset import Split, eval_dataset_fn, eval_steps_for
+from tfdp.dataset import Split
 from tfdp.errors import UserError
-from tfdp.model import build_model
 from tfdp.prepare import is_prepared, load_manifest, prepare, write_prepared
+from tfdp.recipes.tfds_text import TfdsText, is_tfds
 from tfdp.restore import load_run, restore_weights
 from tfdp.rundir import same_files
+from tfdp.runner import check_batch, evaluate_task
 from tfdp.step import default_jit_compile, make_eval_step
+from tfdp.tasks.language_model import LanguageModelTask
 from tfdp.strategy import build_strategy, is_chief
-
-
-def score(strategy, eval_step, split: Split, global_batch_size: int, steps: int,
-          on_batch_begin=None, on_batch_end=None) -> float:
-    """Mean token loss over the first `steps` batches of `split` (the whole
-    split when `steps` is eval_steps_for's full count). `on_batch_begin(i)`
-    and `on_batch_end(i, mean so far)` run around every batch."""
-    dataset = strategy.distribute_datasets_from_function(
-        eval_dataset_fn(split, global_batch_size, steps))
-    total, count = 0.0, 0.0
-    for i, batch in enumerate(dataset):
-        if on_batch_begin is not None:
-            on_batch_begin(i)
-        loss_sum, n = eval_step(batch)
-        total, count = total + float(loss_sum), count + float(n)
-        if on_batch_end is not None:
-            on_batch_end(i, total / max(count, 1.0))
-    return total / max(count, 1.0)
-
-
-def loss_metrics(loss: float, split: Split, prefix: str = "") -> dict:
-    """Loss, perplexity and bits per byte. Bits per byte = nats per token x
-    the split's tokens per byte (EOT separators included) / ln 2, so
-    tokenizers of any vocabulary compare."""
-    tokens_per_byte = split.num_tokens / max(split.num_bytes, 1)
-    return {f"{prefix}loss": loss, f"{prefix}perplexity": math.exp(min(loss, 700.0)),
-            f"{prefix}bits_per_byte": loss * tokens_per_byte / math.log(2.0)}
 
 
 def evaluate(model_dir: str, data: str | None = None, split: str = "val", batch_size: int = 0,
@@ -68,9 +43,9 @@ def evaluate(model_dir: str, data: str | None = None, split: str = "val", batch_
     written by tfdp-prepare (its `split`, which must use the model's
     tokenizer), text (files, globs, a directory, `stdlib`) or a TFDS split
     (`tfds:NAME[/CONFIG][:SPLIT]`, read with `tfds_options`, the keyword
-    arguments of data.tfds_text.TfdsText), tokenized with the model's own
-    tokenizer and scored whole. Without `data`: the run's own prepared
-    data. The chief logs one line (`as_json`: one JSON object)."""
+    arguments of tfdp.recipes.tfds_text.TfdsText), tokenized with the
+    model's own tokenizer and scored whole. Without `data`: the run's own
+    prepared data. The chief logs one line (`as_json`: one JSON object)."""
     # The strategy first: it fixes TensorFlow's devices, which loading the
     # tokenizer would otherwise do.
     saved = Config.load(os.path.abspath(os.path.expanduser(model_dir))) or Config()
@@ -80,9 +55,7 @@ def evaluate(model_dir: str, data: str | None = None, split: str = "val", batch_
     cfg, tokenizer, model_dir = load_run(model_dir)
     replicas = strategy.num_replicas_in_sync
     batch = batch_size or cfg.global_batch_size
-    if batch % replicas:
-        raise UserError(f"--batch_size={batch} is not divisible by the {replicas} replicas; "
-                        f"use a multiple of {replicas}")
+    check_batch(batch, replicas, flag="--batch_size")
     if data is None:
         data = next((d for d in (os.path.join(model_dir, "data"), os.path.expanduser(cfg.data))
                      if is_prepared(d)), None)
@@ -97,16 +70,19 @@ def evaluate(model_dir: str, data: str | None = None, split: str = "val", batch_
             raise UserError(f"{what} has {tokens} tokens, fewer than one window of the "
                             f"model's seq_len+1={cfg.seq_len + 1}; give more text")
         windows = Split(data_dir, split, cfg.seq_len)
+        # The whole split, whatever --eval_steps the run validated with.
+        task = LanguageModelTask(dataclasses.replace(cfg, eval_steps=0), tokenizer.vocab_size,
+                                 val=windows)
         with strategy.scope():
-            model = build_model(cfg, tokenizer.vocab_size)
+            model = task.build_model()
         checkpoint = restore_weights(model, model_dir)
         jit = (default_jit_compile(cfg.mixed_precision, strategy)
                if cfg.jit_compile is None else cfg.jit_compile)
-        steps = eval_steps_for(windows, batch)
-        loss = score(strategy, make_eval_step(strategy, model, jit), windows, batch, steps)
+        metrics = evaluate_task(strategy, make_eval_step(strategy, model, task, jit), task, batch)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    result = {**loss_metrics(loss, windows), "windows": windows.num_windows,
+    loss = metrics["loss"]
+    result = {**metrics, "windows": windows.num_windows,
               "tokens_scored": windows.num_windows * cfg.seq_len, "data": what,
               "step": int(os.path.basename(checkpoint).split("-")[-1])}
     if is_chief(strategy) and as_json:

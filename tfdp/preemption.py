@@ -3,7 +3,7 @@
 Kubernetes and SLURM send SIGTERM, wait a grace period, then SIGKILL. The
 training loop asks `PreemptionGuard.requested` before each call into
 TensorFlow and passes it into the step's all-reduce (tfdp/step.py), so every
-worker stops after the same step and checkpoints it (tfdp/loop.py). The
+worker stops after the same step and checkpoints it (tfdp/runner.py). The
 guard's other job is the deadline: --preemption_grace_seconds after SIGTERM
 the process exits with status 75 (--preempted_exit_code) whatever it is
 doing, saying where a resume will start.

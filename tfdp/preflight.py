@@ -11,9 +11,9 @@ checks below, and the chief prints one table, a row per worker.
               driver's CUDA, cuDNN and NCCL versions this worker loaded
               (tfdp/gpus.py); a GPU node where TensorFlow registered no GPU
               stops here, as training would, unless --allow_cpu;
-  code        a fingerprint of tfdp's own sources (tfdp/ and data/) and the
-              TensorFlow, Keras, keras-hub, NumPy and Python versions; every
-              worker must match the chief's.
+  code        a fingerprint of tfdp's own sources (its recipes included) and
+              the TensorFlow, Keras, keras-hub, NumPy and Python versions;
+              every worker must match the chief's.
   all-reduce  `allreduce_mb` MB per replica summed ROUNDS times: the sum
               must be exact, and the row shows the time and the bandwidth,
               algorithmic (bytes / time) and bus (x 2(n-1)/n, what each link
@@ -48,6 +48,7 @@ from tfdp.model import build_model
 from tfdp.optimizer import build_optimizer
 from tfdp.step import SUM, make_train_step
 from tfdp.strategy import build_strategy, describe, is_chief
+from tfdp.tasks.language_model import LanguageModelTask
 
 ROUNDS = 5
 # The step check's model: tiny, so it takes seconds anywhere.
@@ -59,14 +60,28 @@ TOLERANCE = 1e-4  # |weight difference| after one step at learning rate 1e-2
 _HASH_WORDS, _HOST_BYTES, _GPU_BYTES = 16, 32, 32
 
 
+def _sources() -> list[tuple[str, Path]]:
+    """tfdp's .py files, each under its installed name (`tfdp/recipes/...`).
+
+    An editable install maps `tfdp.recipes` to the repository's data/ folder,
+    a wheel copies that folder into tfdp/: naming files by module rather than
+    by where they lie makes both installs of the same code hash the same.
+    """
+    from tfdp import recipes
+    package, recipes_dir = Path(__file__).parent, Path(recipes.__file__).parent
+    named = {path.relative_to(package.parent).as_posix(): path
+             for path in package.rglob("*.py")}
+    named.update((f"tfdp/recipes/{path.relative_to(recipes_dir).as_posix()}", path)
+                 for path in recipes_dir.rglob("*.py"))
+    return sorted(named.items())
+
+
 def fingerprint() -> str:
     """SHA-256 of tfdp's sources and the versions it runs on."""
     digest = hashlib.sha256()
-    import data as recipes
-    for package in (Path(__file__).parent, Path(recipes.__file__).parent):
-        for path in sorted(package.rglob("*.py")):
-            digest.update(path.relative_to(package.parent).as_posix().encode())
-            digest.update(path.read_bytes())
+    for name, path in _sources():
+        digest.update(name.encode())
+        digest.update(path.read_bytes())
     import keras_hub
     versions = (f"tensorflow {tf.__version__} keras {keras.__version__} keras-hub "
                 f"{keras_hub.__version__} numpy {np.__version__} python "
@@ -131,8 +146,8 @@ def _one_step(strategy, batch: np.ndarray):
         keras.utils.set_random_seed(cfg.seed)  # the same initial weights everywhere
         model = build_model(cfg, VOCAB)
         optimizer = build_optimizer(cfg, model.trainable_variables)
-    step = make_train_step(strategy, model, optimizer, cfg.global_batch_size, cfg.seq_len,
-                           cfg.clip_norm, jit_compile=False)
+    step = make_train_step(strategy, model, optimizer, LanguageModelTask(cfg, VOCAB),
+                           cfg.global_batch_size, cfg.clip_norm, jit_compile=False)
     iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
     out = step(iterator, tf.constant(1), tf.constant(0.0))
     return float(out["loss"][0]), model.get_weights()

@@ -26,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from data.tfds_text import MAX_VAL_BYTES
 from tfdp.atomic import staged_directory
 from tfdp.errors import UserError
+from tfdp.recipes.tfds_text import MAX_VAL_BYTES
 from tfdp.tokenizers import train_tokenizer
 
 MANIFEST = "manifest.json"
@@ -135,7 +135,7 @@ TOKENIZER_SAMPLE_BYTES = 32 << 20  # text a streamed corpus' tokenizer is traine
 def prepare_stream(source, train_split: str, val_split: str, output: str,
                    tokenizer="byte", vocab_size: int | None = None, log=print) -> dict:
     """For a streamed corpus (`train_split` and `val_split` of a
-    data.tfds_text.TfdsText): train the tokenizer (a kind, as for
+    tfdp.recipes.tfds_text.TfdsText): train the tokenizer (a kind, as for
     `prepare`; or take one already trained) on the first
     TOKENIZER_SAMPLE_BYTES of the training split and write it into `output`
     with the validation split's tokens (at most MAX_VAL_BYTES of text).

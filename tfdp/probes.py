@@ -100,7 +100,7 @@ def forward_backward(cfg, vocab: int, strategy, batch: int, jit: bool):
     import tensorflow as tf
 
     from tfdp.model import build_model
-    from tfdp.step import _token_losses
+    from tfdp.tasks.language_model import token_losses
 
     with strategy.scope():
         model = build_model(cfg, vocab)
@@ -109,7 +109,7 @@ def forward_backward(cfg, vocab: int, strategy, batch: int, jit: bool):
     @tf.function(jit_compile=jit)
     def compute(windows):
         with tf.GradientTape() as tape:
-            loss = tf.reduce_mean(_token_losses(model, windows, training=True))
+            loss = tf.reduce_mean(token_losses(model, windows, training=True))
         return loss, tape.gradient(loss, variables)
 
     def replica(windows):
@@ -133,12 +133,14 @@ def whole_step(cfg, vocab: int, strategy, replicas: int, jit: bool) -> float:
     from tfdp.model import build_model
     from tfdp.optimizer import build_optimizer
     from tfdp.step import make_train_step
+    from tfdp.tasks.language_model import LanguageModelTask
 
     with strategy.scope():
         model = build_model(cfg, vocab)
         optimizer = build_optimizer(cfg, model.trainable_variables)
-    step = make_train_step(strategy, model, optimizer, replicas, OVERHEAD_WINDOW,
-                           cfg.clip_norm, jit)
+    # The task only scores the windows here: OVERHEAD_WINDOW tokens each.
+    task = LanguageModelTask(dataclasses.replace(cfg, seq_len=OVERHEAD_WINDOW), vocab)
+    step = make_train_step(strategy, model, optimizer, task, replicas, cfg.clip_norm, jit)
     data = tf.data.Dataset.from_tensor_slices(random_windows(replicas, OVERHEAD_WINDOW, vocab))
     iterator = iter(strategy.distribute_datasets_from_function(
         lambda ctx: data.repeat().batch(ctx.get_per_replica_batch_size(replicas))))

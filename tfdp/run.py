@@ -23,30 +23,27 @@ import os
 import shutil
 import tempfile
 
-import keras
 import tensorflow as tf
 
-import data as recipes
-from data.tfds_text import TfdsText, is_tfds
+from tfdp import recipes
+from tfdp.recipes.tfds_text import TfdsText, is_tfds
 from tfdp import cluster, presets, watchdog
-from tfdp.callbacks import ProgressLogger, TensorBoardSummaries
 from tfdp import rundir
 from tfdp.atomic import staged_directory
-from tfdp.checkpoints import check_same_step, make_checkpoint, restore_newest_readable
 from tfdp.config import Config
 from tfdp.dataset import Split, shard_files
 from tfdp.errors import UserError
 from tfdp.flops import flops_per_token, machine_peak_flops
-from tfdp.generate import generate, held_out_prompt, make_sampler
-from tfdp.loop import Trainer, peak_device_memory_gib, peak_host_memory_gib
-from tfdp.loss_scale import DynamicLossScale
-from tfdp.model import build_model, count_params, logits, non_embedding_params
+from tfdp.model import count_params, non_embedding_params
 from tfdp.optimizer import build_optimizer
 from tfdp.prepare import is_prepared, load_manifest, prepare, prepare_stream
 from tfdp.report import write_report
+from tfdp.runner import (Runner, Schedule, check_batch, peak_device_memory_gib,
+                         peak_host_memory_gib)
 from tfdp.rundir import read_json, write_text
 from tfdp.strategy import build_strategy, describe, is_chief
 from tfdp.stream import TextStream
+from tfdp.tasks.language_model import LanguageModelTask
 from tfdp.tokenizers import load_tokenizer
 
 
@@ -98,9 +95,11 @@ def load_splits(cfg: Config, data_dir: str, strategy):
     return split("train"), split("val")
 
 
+@rundir.job  # releases the model_dir it holds when it returns or raises
 def train(cfg: Config, callbacks=(), log=print, live=None) -> dict:
     """Run (or resume) training as configured; return the final metrics.
 
+    `callbacks` are Keras callbacks (tfdp.runner.Runner says where they run);
     `log` prints the chief's messages; `live`, a terminal stream, gets a
     progress bar redrawn in place (tfdp.callbacks.ProgressLogger)."""
     cfg = cfg.validate()
@@ -110,19 +109,12 @@ def train(cfg: Config, callbacks=(), log=print, live=None) -> dict:
                               collective_timeout=cfg.collective_timeout,
                               slurm_port_base=cfg.slurm_port_base, collective=cfg.collective,
                               allow_cpu=cfg.allow_cpu, all_reduce_dtype=cfg.all_reduce_dtype)
-    replicas = strategy.num_replicas_in_sync
-    if cfg.global_batch_size % replicas:
-        raise UserError(f"--global_batch_size={cfg.global_batch_size} is not divisible by the "
-                        f"{replicas} replicas; use a multiple of {replicas}")
-    if cfg.global_batch_size % (replicas * cfg.grad_accum_steps):
-        unit = replicas * cfg.grad_accum_steps
-        raise UserError(f"--global_batch_size={cfg.global_batch_size} does not split into "
-                        f"--grad_accum_steps={cfg.grad_accum_steps} micro-batches on each of the "
-                        f"{replicas} replicas; use a multiple of {unit}")
+    check_batch(cfg.global_batch_size, strategy.num_replicas_in_sync, cfg.grad_accum_steps)
     model_dir = os.path.abspath(os.path.expanduser(cfg.model_dir))
     chief = is_chief(strategy)
     if chief:  # other workers would race with the chief's own writes
         rundir.check_usable(model_dir)
+        rundir.hold(model_dir)  # one job at a time: a second one is refused
     # Every worker reads the verdict (so all refuse together), only the chief
     # discards. A worker that reads after the chief discarded finds no run.
     reason = rundir.conflict(cfg, model_dir)
@@ -165,36 +157,21 @@ def _train_in(cfg: Config, strategy, model_dir: str, write_dir: str, callbacks, 
     preset = presets.read_preset(cfg.init_from) if cfg.init_from else None
     if preset is not None:
         presets.check_data(preset, tokenizer, cfg.data)
-
-    with strategy.scope():
-        keras.utils.set_random_seed(cfg.seed)  # the same initial weights everywhere
-        model = build_model(cfg, manifest["vocab_size"])
-        optimizer = build_optimizer(cfg, model.trainable_variables)
-        loss_scale = DynamicLossScale()  # used under fp16 only
     # With whole shard files per pipeline the data order depends on how many
     # pipelines there are; with one global order (interleave) it does not.
     # A stream's order is not exact on resume anyway (tfdp/stream.py).
     own_files = isinstance(train_split, Split) and train_split.shards is not None
-    pipelines = cluster.input_pipeline(strategy)[1] if own_files else 1
-    checkpoint = make_checkpoint(model, optimizer, pipelines, loss_scale)
-    manager = tf.train.CheckpointManager(checkpoint, os.path.join(write_dir, "checkpoints"),
-                                         max_to_keep=cfg.keep_checkpoints)
-    if resume:
-        restore_newest_readable(checkpoint, os.path.join(model_dir, "checkpoints"), say)
-    check_same_step(strategy, optimizer.iterations)
-    if preset is not None and int(optimizer.iterations.numpy()) == 0:
-        # --init_from: a run with nothing trained yet starts from the preset's
-        # weights; one that resumed keeps its checkpoint's.
-        presets.load_weights(model, preset, cfg.seq_len, say)
-    if isinstance(train_split, TextStream) and int(optimizer.iterations.numpy()):
+    task = LanguageModelTask(cfg, manifest["vocab_size"], train_split, val_split,
+                             input_pipelines=cluster.input_pipeline(strategy)[1]
+                             if own_files else 1,
+                             preset=preset, tokenizer=tokenizer if chief else None)
+    runner = Runner(strategy, task, Schedule.of(cfg), lambda v: build_optimizer(cfg, v),
+                    model_dir, write_dir, callbacks, say, live, resume=resume,
+                    config_json=cfg.to_json())
+    model = runner.model
+    if isinstance(train_split, TextStream) and runner.step:
         say("note: a streamed corpus resumes in a fresh order seeded by the step, not where "
             "the interrupted run was (tfdp/stream.py)")
-    if int(checkpoint.input_pipelines.numpy()) != pipelines:
-        say(f"warning: the data order from here differs from an uninterrupted run: the "
-            f"checkpoint was written with {int(checkpoint.input_pipelines.numpy())} input "
-            f"pipeline(s) reading whole shard files, this run reads {pipelines} way(s) "
-            "(--input_sharding=interleave keeps one order for any worker count)")
-        checkpoint.input_pipelines.assign(pipelines)
     # Only now, with data, model and checkpoint known to fit, is the run recorded.
     os.makedirs(write_dir, exist_ok=True)
     write_text(os.path.join(write_dir, "config.json"), cfg.to_json())
@@ -206,49 +183,32 @@ def _train_in(cfg: Config, strategy, model_dir: str, write_dir: str, callbacks, 
                           cfg.hidden_dim // cfg.num_heads, cfg.seq_len)
     compute_dtype = tf.as_dtype(model.backbone.compute_dtype)
     peak = machine_peak_flops(strategy, compute_dtype)
+    runner.flops_per_token, runner.peak_flops = fpt, peak
     say(f"model: {num_params:,} parameters, {fpt / 1e6:.2f} MFLOPs/token; "
         f"data: {_describe(train_split)} / {val_split.num_windows:,} val windows "
         f"{'(this worker: whole shard files) ' if own_files else ''}"
         f"of {cfg.seq_len + 1} {manifest['tokenizer']} tokens; "
         f"measured {compute_dtype.name} matmul peak "
         f"{peak / 1e9:.1f} GFLOP/s")
-    previous = read_json(os.path.join(model_dir, "metrics.json"))
-    step = int(optimizer.iterations.numpy())
-    history = [h for h in previous.get("history", []) if h.get("step", 0) <= step]
-    sampler = _Sampler(cfg, tokenizer, val_split) if cfg.sample_tokens and chief else None
-    progress = ProgressLogger(cfg.train_steps, cfg.log_every, say, live)
-    say = progress.say  # from here, messages print above the live progress bar
-    own = [progress,
-           TensorBoardSummaries(os.path.join(model_dir, "tensorboard"), start_step=step,
-                                config_json=cfg.to_json(), sample_fn=sampler,
-                                graph_fn=lambda: _forward_graph(cfg, tokenizer.vocab_size)),
-           _HistoryWriter(os.path.join(model_dir, "metrics.json"), history)] if chief else []
-    trainer = Trainer(cfg, strategy, model, optimizer, train_split, val_split, manager,
-                      own + list(callbacks), flops_per_token=fpt, peak_flops=peak, log=say,
-                      before_exit=None if chief else lambda: shutil.rmtree(write_dir, True))
-    if cfg.jit_compile is None and not trainer.jit_compile:
+    if cfg.jit_compile is None and not runner.jit_compile:
         say(f"XLA: off, the default for --mixed_precision={cfg.mixed_precision} on CPUs "
             "(see --jit_compile)")
-    if trainer.step >= cfg.train_steps:
-        say(f"already trained to step {trainer.step} of --train_steps={cfg.train_steps}; "
-            "raise --train_steps to continue")
-        logs = {"train_loss": history[-1].get("train_loss") if history else None,
-                **trainer.evaluate()}
-    else:
-        logs = trainer.fit()
+    previous = read_json(os.path.join(model_dir, "metrics.json"))
+    logs = runner.fit()
+    say = runner.log  # above the progress bar, if there is one
 
-    sample = sampler(model) if sampler else ""
+    sample = task.sample(model) or ""
     # A run that had nothing left to train keeps the throughput it measured.
-    tps = getattr(trainer, "mean_tokens_per_second", previous.get("tokens_per_second", 0.0))
+    tps = runner.mean_tokens_per_second or previous.get("tokens_per_second", 0.0)
     metrics = {
-        "step": trainer.step,
+        "step": runner.step,
         "train_loss": logs.get("train_loss"),
         "val_loss": logs["val_loss"],
         "val_perplexity": logs["val_perplexity"],
         "val_bits_per_byte": logs["val_bits_per_byte"],
         "tokens_per_second": tps,
         "tokens_per_second_per_replica": tps / replicas,
-        "step_time": getattr(trainer, "mean_step_time", previous.get("step_time", 0.0)),
+        "step_time": runner.mean_step_time or previous.get("step_time", 0.0),
         "peak_host_memory_gib": peak_host_memory_gib(),
         **peak_device_memory_gib(strategy),
         "mfu": tps * fpt / peak if peak else 0.0,
@@ -260,7 +220,7 @@ def _train_in(cfg: Config, strategy, model_dir: str, write_dir: str, callbacks, 
         "num_parameters": num_params,
         "tokenizer": manifest["tokenizer"],
         "vocab_size": manifest["vocab_size"],
-        "history": history + trainer.history,
+        "history": runner.history,
     }
     write_text(os.path.join(write_dir, "metrics.json"), json.dumps(metrics, indent=2))
     write_text(os.path.join(write_dir, "sample.txt"), sample)
@@ -277,62 +237,3 @@ def _describe(train) -> str:
     if isinstance(train, TextStream):
         return f"train windows streamed from {train.name}"
     return f"{train.num_windows:,} train"
-
-
-def _forward_graph(cfg: Config, vocab_size: int):
-    """The model's forward pass as a graph, for TensorBoard's Graphs tab:
-    a plain (unmirrored) copy traced on one window."""
-    plain = build_model(cfg, vocab_size)
-    forward = tf.function(lambda ids: logits(plain, ids))
-    return forward.get_concrete_function(tf.TensorSpec([1, cfg.seq_len], tf.int32)).graph
-
-
-class _HistoryWriter(keras.callbacks.Callback):
-    """Keeps metrics.json's validation history current at every evaluation,
-    so the evaluations of a run that is interrupted survive its resume
-    (the full metrics replace it at the end)."""
-
-    def __init__(self, path: str, earlier: list[dict]):
-        super().__init__()
-        self.path, self.history, self.step = path, list(earlier), 0
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.step = batch + 1
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.history.append({"step": self.step, **(logs or {})})
-        write_text(self.path, json.dumps({"step": self.step, "history": self.history},
-                                          indent=2))
-
-
-class _Sampler:
-    """The run's samples: --sample_prompt continued, or (by default) a few
-    held-out validation lines continued; both parts are labelled. Called at
-    every validation (TensorBoard text) and at the end (sample.txt)."""
-
-    def __init__(self, cfg: Config, tokenizer, val_split: Split):
-        self.cfg, self.tokenizer = cfg, tokenizer
-        self.sampler = make_sampler("top_k", temperature=0.8, seed=cfg.seed,
-                                    vocab_size=tokenizer.vocab_size)
-        if cfg.sample_prompt is not None:
-            self.prompt, self.origin, self.new_document = cfg.sample_prompt, "--sample_prompt", True
-        else:
-            self.prompt = held_out_prompt(val_split, tokenizer, cfg.seed,
-                                          max_chars=cfg.seq_len // 2)
-            self.origin, self.new_document = "held-out validation text", False
-        self.plain = None
-
-    def __call__(self, model) -> str:
-        # Sample from a plain copy of the weights, outside the strategy: traced
-        # under MirroredStrategy the cached-generation loop becomes a
-        # multi-device function that grappler took 90 s to optimise here. The
-        # copy is built once, so its generation function compiles once.
-        if self.plain is None:
-            self.plain = build_model(self.cfg, self.tokenizer.vocab_size)
-        self.plain.set_weights(model.get_weights())
-        cfg = self.cfg
-        text = generate(self.plain, self.tokenizer, self.prompt, cfg.sample_tokens, self.sampler,
-                        cfg.seq_len, new_document=self.new_document)
-        return (f"--- sample prompt ({self.origin}) ---\n{self.prompt.rstrip(chr(10))}\n"
-                f"--- generated continuation ({cfg.sample_tokens} tokens max, top-k 40, "
-                f"temperature 0.8) ---\n{text}\n")

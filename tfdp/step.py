@@ -1,26 +1,25 @@
-"""The data-parallel training and evaluation steps.
+"""The data-parallel training and evaluation steps, for any tfdp.tasks.Task.
 
 One training step, on every replica i at once (`strategy.run`):
 
-    L_i   = sum of token losses on replica i's batch / (global batch tokens)
+    L_i   = task.loss on replica i's batch / the global count (the target
+            tokens, or examples, of the whole global batch)
     g_i   = dL_i/dtheta                       (XLA-compiled forward/backward)
-    g     = all_reduce_sum(g_i)  = (1/N) * sum over all N target tokens' grads
+    g     = all_reduce_sum(g_i)  = (1/N) * sum over all N targets' grads
     g     = clip_by_global_norm(g, clip_norm) (same norm on every replica)
     theta = AdamW(theta, g)                   (identical update everywhere;
                                                with skip_nonfinite or a loss
                                                scale, only when the loss and
                                                |g| are finite)
 
-Dividing by the GLOBAL token count makes the summed gradient the gradient
-of the global mean loss, so N replicas on batch B update exactly as one
-replica on B would.
+Dividing by the GLOBAL count makes the summed gradient the gradient of the
+global mean loss, so N replicas on batch B update exactly as one replica on
+B would.
 """
 
 from __future__ import annotations
 
 import tensorflow as tf
-
-from tfdp.model import logits
 
 SUM = tf.distribute.ReduceOp.SUM
 
@@ -38,23 +37,18 @@ def default_jit_compile(mixed_precision: str, strategy) -> bool:
     return not (on_cpu and mixed_precision in ("bf16", "fp16"))
 
 
-def _token_losses(model, windows, training: bool):
-    inputs, targets = windows[:, :-1], windows[:, 1:]
-    out = tf.cast(logits(model, inputs, training=training), tf.float32)
-    return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=targets, logits=out)
-
-
-def make_train_step(strategy, model, optimizer, global_batch_size: int, seq_len: int,
+def make_train_step(strategy, model, optimizer, task, global_batch_size: int,
                     clip_norm: float, jit_compile: bool = True,
                     all_reduce_dtype: str = "float32", skip_nonfinite: bool = False,
                     grad_accum_steps: int = 1, loss_scale=None):
     """Return a tf.function(iterator, num_steps, stop) running up to `num_steps`
-    steps in one call (a graph loop: no Python between steps), returning
-    {"loss", "grad_norm", "learning_rate", "overflow"}, one entry per step
-    run, and "stop". `stop` (float 0/1) is this worker's request to stop; "stop" says
-    whether any worker made one, and the loop ends after that step. Without
-    `skip_nonfinite` it also ends after a step whose loss or gradient norm is
-    not finite, for the caller to report.
+    steps of `task` (tfdp.tasks.Task) in one call (a graph loop: no Python
+    between steps), returning {"loss", "grad_norm", "learning_rate",
+    "overflow"}, one entry per step run, and "stop". `stop` (float 0/1) is
+    this worker's request to stop; "stop" says whether any worker made one,
+    and the loop ends after that step. Without `skip_nonfinite` it also ends
+    after a step whose loss or gradient norm is not finite, for the caller
+    to report.
 
     With `skip_nonfinite`, a step whose reduced loss or gradient norm is NaN
     or Inf leaves weights and Adam moments untouched; the step counter
@@ -77,49 +71,59 @@ def make_train_step(strategy, model, optimizer, global_batch_size: int, seq_len:
     casts back; the loss then needs a second, float32 all-reduce.
     """
     variables = model.trainable_variables
-    global_tokens = float(global_batch_size * seq_len)
+    global_count = float(task.global_count(global_batch_size))
     wire = tf.as_dtype(all_reduce_dtype)
 
-    def micro_step(windows, scale):
+    def micro_step(batch, scale):
         with tf.GradientTape() as tape:
-            loss = tf.reduce_sum(_token_losses(model, windows, training=True)) / global_tokens
+            loss_sum, count = task.loss(model, batch, training=True)
+            loss = loss_sum / global_count
             scaled = loss if scale is None else loss * scale
-        return loss, tape.gradient(scaled, variables)
+        return loss, tf.cast(count, tf.float32), tape.gradient(scaled, variables)
 
     @tf.function(jit_compile=jit_compile)
-    def forward_backward(windows):
+    def forward_backward(batch):
         scale = None if loss_scale is None else tf.identity(loss_scale.scale)
-        loss, grads = accumulate(windows, scale)
-        return loss, grads if scale is None else [g / scale for g in grads]
+        loss, count, grads = accumulate(batch, scale)
+        return loss, count, grads if scale is None else [g / scale for g in grads]
 
-    def accumulate(windows, scale):
+    def accumulate(batch, scale):
         if grad_accum_steps == 1:
-            return micro_step(windows, scale)
-        # Dividing by the global token count makes the sum over micro-batches
-        # the gradient of the whole batch's mean loss.
-        micro = tf.reshape(windows, [grad_accum_steps, -1, tf.shape(windows)[1]])
-        loss, grads = tf.zeros([]), [tf.zeros_like(v) for v in variables]
+            return micro_step(batch, scale)
+        # Dividing by the global count makes the sum over micro-batches the
+        # gradient of the whole batch's mean loss.
+        micro = tf.nest.map_structure(
+            lambda t: tf.reshape(t, tf.concat([[grad_accum_steps, -1], tf.shape(t)[1:]], 0)),
+            batch)
+        loss, count = tf.zeros([]), tf.zeros([])
+        grads = [tf.zeros_like(v) for v in variables]
         for i in tf.range(grad_accum_steps):
-            more_loss, more = micro_step(micro[i], scale)
-            loss += more_loss
+            more_loss, more_count, more = micro_step(
+                tf.nest.map_structure(lambda t: t[i], micro), scale)
+            loss, count = loss + more_loss, count + more_count
             grads = [g + tf.convert_to_tensor(m) for g, m in zip(grads, more)]
-        return loss, grads
+        return loss, count, grads
 
-    def replica_step(windows, stop):
-        loss, grads = forward_backward(windows)
+    def replica_step(batch, stop):
+        loss, count, grads = forward_backward(batch)
         stop = tf.zeros_like(loss) + stop  # a value of this replica (all_reduce needs one)
-        # ONE collective per step: the loss rides in the gradients' all-reduce
-        # (packed into one buffer), so across workers a step pays one network
-        # round trip, not three (gradients, loss, norm).
+        # ONE collective per step: the loss (and its count) ride in the
+        # gradients' all-reduce (packed into one buffer), so across workers a
+        # step pays one network round trip, not several.
         replica = tf.distribute.get_replica_context()
         # `stop` (this worker was asked to stop: SIGTERM) rides along too, so
         # every worker learns of any stop request in the same step.
         if wire == tf.float32:
-            *grads, loss, stop = replica.all_reduce(SUM, [*grads, loss, stop])
+            *grads, loss, count, stop = replica.all_reduce(SUM, [*grads, loss, count, stop])
         else:
             sent = replica.all_reduce(SUM, [tf.cast(g, wire) for g in grads])
             grads = [tf.cast(g, tf.float32) for g in sent]
-            loss, stop = replica.all_reduce(SUM, [loss, stop])
+            loss, count, stop = replica.all_reduce(SUM, [loss, count, stop])
+        if task.count_varies:
+            # Weighted examples: the global normaliser is the count just
+            # reduced, not the nominal one each replica divided by.
+            correction = global_count / tf.maximum(count, 1.0)
+            loss, grads = loss * correction, [g * correction for g in grads]
         norm = tf.linalg.global_norm(grads)
         overflow = tf.constant(False)
         if loss_scale is not None:
@@ -189,25 +193,32 @@ def _apply_if_finite(optimizer, grads, variables, finite) -> None:
     tf.distribute.get_replica_context().merge_call(cross_replica, args=(grads, finite))
 
 
-def make_eval_step(strategy, model, jit_compile: bool = True):
-    """Return a tf.function(batch) -> (summed token loss, token count) over replicas."""
+def make_eval_step(strategy, model, task, jit_compile: bool = True):
+    """Return a tf.function(batch) -> `task.eval_sums` summed over replicas."""
 
     @tf.function(jit_compile=jit_compile)
-    def forward(windows, weights):
-        losses = _token_losses(model, windows, training=False)
-        return (tf.reduce_sum(losses * weights[:, None]),
-                tf.reduce_sum(tf.ones_like(losses) * weights[:, None]))
+    def sums(batch):
+        return tf.cast(task.eval_sums(model, batch), tf.float32)
 
     # As in training, the compiled function is called from a plain Python
     # replica function: handing a tf.function to strategy.run directly makes
     # every replica reuse the first replica's variables.
-    def replica_eval(windows, weights):
-        loss_sum, count = forward(windows, weights)
-        return tf.distribute.get_replica_context().all_reduce(SUM, [loss_sum, count])
+    def replica_eval(batch):
+        return tf.distribute.get_replica_context().all_reduce(SUM, sums(batch))
 
     @tf.function
     def eval_step(batch):
-        loss_sum, count = strategy.run(replica_eval, args=batch)
-        return (strategy.experimental_local_results(loss_sum)[0],
-                strategy.experimental_local_results(count)[0])
+        return strategy.experimental_local_results(strategy.run(replica_eval, args=(batch,)))[0]
     return eval_step
+
+
+def make_any(strategy):
+    """Return a function(flag: bool) -> whether any worker passed True: one
+    tiny all-reduce, for decisions only the chief's callbacks make (an early
+    stop) that every worker must follow."""
+    @tf.function
+    def any_worker(flag):
+        def replica(value):
+            return tf.distribute.get_replica_context().all_reduce(SUM, value)
+        return strategy.experimental_local_results(strategy.run(replica, args=(flag,)))[0] > 0
+    return lambda flag: bool(any_worker(tf.constant(float(flag))))

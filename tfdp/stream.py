@@ -2,7 +2,7 @@
 
 The counterpart of tfdp/dataset.py's `Split` for a corpus too large to hold
 as token shards: each input pipeline reads documents (its own files when
-the source has enough, `data/tfds_text.py`), tokenizes them on the fly,
+the source has enough, tfdp.recipes.tfds_text), tokenizes them on the fly,
 joins them with EOT into one token stream, cuts the stream into windows of
 `seq_len + 1` tokens that overlap by one (every token a target once, as in
 `Split`), shuffles windows in a buffer and batches them for its replicas.
@@ -43,8 +43,8 @@ def stream_windows(tokens: tf.data.Dataset, seq_len: int) -> tf.data.Dataset:
 
 class TextStream:
     """Training windows streamed from `split` of `source` (a
-    data.tfds_text.TfdsText) through `tokenizer`; `dataset_fn` is what the
-    training loop asks for."""
+    tfdp.recipes.tfds_text.TfdsText) through `tokenizer`; `dataset_fn` is
+    what the training loop asks for."""
 
     def __init__(self, source, split: str, tokenizer, seq_len: int,
                  shuffle_windows: int = SHUFFLE_WINDOWS):

@@ -161,7 +161,8 @@ def peer_failure(err: Exception) -> ClusterError | None:
     elif peers:
         what = f"lost contact with {', '.join(peers)}"
     else:
-        what = f"a collective operation failed ({text.strip().splitlines()[0][:200]})"
+        first = text.strip().splitlines()[0][:200] if text.strip() else type(err).__name__
+        what = f"a collective operation failed ({first})"
     return ClusterError(f"{what}; the job stops (collective timeout {timeout:g}s). Check that "
                         "worker's log, then relaunch the same command: training resumes from "
                         "the last checkpoint")

@@ -4,7 +4,7 @@ data-parallel like training."""
 from absl import flags
 
 from trainer import cli
-from trainer.flags import FLAGS, define_strategy_flags
+from trainer.flags import FLAGS, define_loop_flags, define_strategy_flags
 
 flags.DEFINE_string("model_dir", None, "A directory written by tfdp-train (its latest "
                     "checkpoint is the starting point).", required=True)
@@ -14,7 +14,10 @@ flags.DEFINE_string("train", None, "Training examples: a CSV file with a header 
 flags.DEFINE_string("eval", None, "Held-out examples, as --train (TFDS split default: test); "
                     "accuracy is reported on them.", required=True)
 flags.DEFINE_string("output_dir", None, "New (or empty) directory for the fine-tuned "
-                    "weights, config.json, labels.json and metrics.json.", required=True)
+                    "weights, config.json, labels.json, metrics.json, TensorBoard logs and a "
+                    "report; it appears when the fine-tune ends (until then the work is in "
+                    ".NAME.tfdp-partial beside it, and rerunning the same command resumes "
+                    "it).", required=True)
 flags.DEFINE_string("text_column", "text", "CSV column or TFDS feature holding the text.")
 flags.DEFINE_string("label_column", "label", "CSV column or TFDS feature holding the label: "
                     "integers 0..K-1, or class names (ids in sorted order).")
@@ -38,17 +41,21 @@ flags.DEFINE_string("tfds_data_dir", None, "TFDS data_dir for tfds: sources "
                     "(default: TFDS's own, ~/tensorflow_datasets).")
 flags.DEFINE_bool("tfds_download", False, "Let TFDS download and prepare a missing dataset.")
 define_strategy_flags()
+define_loop_flags()
 
 
 def main() -> None:
+    import dataclasses
+    import sys
+
+    from tfdp.callbacks import from_factories
     from tfdp.finetune import FinetuneConfig, finetune
 
-    finetune(FinetuneConfig(**{name: FLAGS[name].value for name in (
-        "model_dir", "train", "eval", "output_dir", "task", "text_column", "label_column",
-        "pooling", "seq_len", "global_batch_size", "epochs", "train_steps", "learning_rate",
-        "warmup_fraction", "weight_decay", "clip_norm", "eval_every", "seed", "strategy",
-        "num_cpu_replicas", "collective", "allow_cpu", "jit_compile", "tfds_data_dir",
-        "tfds_download")}))
+    fc = FinetuneConfig(**{f.name: FLAGS[f.name].value
+                           for f in dataclasses.fields(FinetuneConfig)})
+    # A terminal gets a progress bar redrawn in place; logs and pipes get lines.
+    finetune(fc, callbacks=from_factories(FLAGS.callbacks),
+             live=sys.stdout if sys.stdout.isatty() else None)
 
 
 def run() -> None:

@@ -67,6 +67,32 @@ def define_strategy_flags() -> None:
                       "registers none; without it that is an error naming the likely cause.")
 
 
+def define_loop_flags() -> None:
+    """How the Runner's loop checkpoints, logs and stops (tfdp-train, tfdp-finetune)."""
+    flags.DEFINE_integer("checkpoint_every", _D.checkpoint_every,
+                         "Save a checkpoint every this many steps (and at the end).")
+    flags.DEFINE_integer("keep_checkpoints", _D.keep_checkpoints, "Checkpoints to keep.")
+    flags.DEFINE_float("preemption_grace_seconds", _D.preemption_grace_seconds,
+                       "After SIGTERM: finish the step, checkpoint and exit (status "
+                       "--preempted_exit_code) within "
+                       "this many seconds; set it a little below the scheduler's grace period.")
+    flags.DEFINE_integer("preempted_exit_code", _D.preempted_exit_code,
+                         "Exit status after SIGTERM and the checkpoint: 75 (EX_TEMPFAIL), or a "
+                         "code the scheduler retries (Kubeflow's ExitCode restart policy "
+                         "retries 130, 137, 138 and 143).")
+    flags.DEFINE_integer("steps_per_loop", _D.steps_per_loop,
+                         "Training steps per call into TensorFlow (a graph loop, no Python "
+                         "between them); calls end at every validation and checkpoint step. "
+                         "Callbacks still see every step, after its call; SIGTERM and a "
+                         "stuck-worker check act between calls.")
+    flags.DEFINE_integer("log_every", _D.log_every, "Print progress every this many steps.")
+    flags.DEFINE_list("callbacks", [],
+                      "Keras callbacks of your own: package.module:factory, comma-separated; "
+                      "each factory is called with no arguments and returns a callback or a "
+                      "list of them (the module must be importable, e.g. on PYTHONPATH). They "
+                      "run on the chief only, unless one has the attribute all_workers = True.")
+
+
 def define_model_flags() -> None:
     """The model's shape and context (tfdp-train, tfdp-plan)."""
     flags.DEFINE_integer("seq_len", _D.seq_len, "Tokens of context per training window.")
@@ -106,30 +132,14 @@ def define_train_flags() -> None:
     flags.DEFINE_integer("eval_every", _D.eval_every, "Validate every this many steps.")
     flags.DEFINE_integer("eval_steps", _D.eval_steps,
                          "Validation batches per evaluation; 0 covers the whole split.")
-    flags.DEFINE_integer("checkpoint_every", _D.checkpoint_every,
-                         "Save a checkpoint every this many steps (and at the end).")
-    flags.DEFINE_integer("keep_checkpoints", _D.keep_checkpoints, "Checkpoints to keep.")
     flags.DEFINE_integer("skip_nonfinite_steps", _D.skip_nonfinite_steps,
                          "Updates whose loss or gradients are NaN/Inf to skip (weights and "
                          "optimizer moments untouched) before training stops; 0 stops at "
                          "the first.")
-    flags.DEFINE_float("preemption_grace_seconds", _D.preemption_grace_seconds,
-                       "After SIGTERM: finish the step, checkpoint and exit (status "
-                       "--preempted_exit_code) within "
-                       "this many seconds; set it a little below the scheduler's grace period.")
-    flags.DEFINE_integer("preempted_exit_code", _D.preempted_exit_code,
-                         "Exit status after SIGTERM and the checkpoint: 75 (EX_TEMPFAIL), or a "
-                         "code the scheduler retries (Kubeflow's ExitCode restart policy "
-                         "retries 130, 137, 138 and 143).")
+    define_loop_flags()
     flags.DEFINE_bool("overwrite", _D.overwrite,
                       "Discard a run in --model_dir whose model, data or tokenizer differ "
                       "from these flags, instead of refusing (a compatible run is resumed).")
-    flags.DEFINE_integer("steps_per_loop", _D.steps_per_loop,
-                         "Training steps per call into TensorFlow (a graph loop, no Python "
-                         "between them); calls end at every validation and checkpoint step. "
-                         "Callbacks still see every step, after its call; SIGTERM and a "
-                         "stuck-worker check act between calls.")
-    flags.DEFINE_integer("log_every", _D.log_every, "Print progress every this many steps.")
     flags.DEFINE_integer("seed", _D.seed, "Seed for initial weights, data order and sampling.")
     flags.DEFINE_integer("sample_tokens", _D.sample_tokens,
                          "Tokens to generate as a sample at the end; 0 skips it.")

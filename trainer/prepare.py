@@ -12,13 +12,13 @@ define_data_flags()
 
 
 def main() -> None:
-    import data
+    from tfdp import recipes
     from tfdp.config import Config
     from tfdp.prepare import prepare
 
     Config(tokenizer=FLAGS.tokenizer, vocab_size=FLAGS.vocab_size,
            val_fraction=FLAGS.val_fraction).validate()
-    manifest = prepare(data.source_files(FLAGS.input), FLAGS.output, FLAGS.tokenizer,
+    manifest = prepare(recipes.source_files(FLAGS.input), FLAGS.output, FLAGS.tokenizer,
                        FLAGS.vocab_size, FLAGS.val_fraction)
     splits = manifest["splits"]
     print(f"wrote {FLAGS.output}: {manifest['tokenizer']} tokenizer, vocabulary "

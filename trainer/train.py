@@ -7,15 +7,17 @@ library, on 2 replicas, in about five minutes on a 2-core CPU.
 import sys
 
 from trainer import cli
-from trainer.flags import config_from_flags, define_train_flags
+from trainer.flags import FLAGS, config_from_flags, define_train_flags
 
 define_train_flags()
 
 
 def main() -> None:
+    from tfdp.callbacks import from_factories
     from tfdp.run import train  # imported after flag parsing: TensorFlow is slow to load
     # A terminal gets a progress bar redrawn in place; logs and pipes get lines.
-    train(config_from_flags(), live=sys.stdout if sys.stdout.isatty() else None)
+    train(config_from_flags(), callbacks=from_factories(FLAGS.callbacks),
+          live=sys.stdout if sys.stdout.isatty() else None)
 
 
 def run() -> None:

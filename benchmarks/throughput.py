@@ -175,7 +175,7 @@ class Variant:
 
 
 class TfdpVariant(Variant):
-    """tfdp's own pieces as tfdp.run.train uses them; the step is called as
+    """tfdp's own pieces as tfdp.training.train uses them; the step is called as
     tfdp.runner.Runner calls it (float(loss) after every call)."""
 
     def __init__(self, name, short, strategy, vocab_size: int, train, cfg: Config, jit: bool,

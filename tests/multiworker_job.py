@@ -29,7 +29,7 @@ import tensorflow as tf
 from tfdp.config import Config
 from tfdp.optimizer import build_optimizer
 from tfdp.prepare import load_manifest
-from tfdp.run import load_splits
+from tfdp.training import load_splits
 from tfdp.runner import Runner, Schedule
 from tfdp.tasks import language_model
 from tfdp.tasks.language_model import LanguageModelTask
@@ -121,7 +121,7 @@ if __name__ == "__main__":
     try:
         weights, logs = train_weights(strategy, data_dir, os.path.join(out_dir, f"ckpt_{task}"),
                                       cfg, callbacks)
-    except tf.errors.OpError as err:  # as tfdp.run.train reports a lost or stuck peer
+    except tf.errors.OpError as err:  # as tfdp.training.train reports a lost or stuck peer
         from tfdp.watchdog import peer_failure
         lost = peer_failure(err)
         if lost is None:

@@ -1,7 +1,7 @@
 """A user's mistakes: one clear line, non-zero exit, no traceback, nothing written.
 
 Most checks call the library in-process (`Config.validate`, `parse_tf_config`,
-`prepare`, `recipes.source_files`, `tfdp.run.train`): each CLI process pays
+`prepare`, `recipes.source_files`, `tfdp.training.train`): each CLI process pays
 several seconds of imports, so the subprocess cases below are a representative
 set that proves the contract end to end through the console scripts.
 """
@@ -197,13 +197,13 @@ def test_prepare_char_on_invalid_utf8_warns(tmp_path, capsys):
     assert "not valid UTF-8" in err and "U+FFFD" in err
 
 
-# --- in-process: tfdp.run.train fails before writing anything ---------------
+# --- in-process: tfdp.training.train fails before writing anything ---------------
 
 
 @pytest.fixture
 def train_in_process(mirrored):
-    """`tfdp.run.train` on the already split CPU (no TF_CONFIG in tests)."""
-    from tfdp.run import train
+    """`tfdp.training.train` on the already split CPU (no TF_CONFIG in tests)."""
+    from tfdp.training import train
     return train
 
 

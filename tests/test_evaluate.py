@@ -10,9 +10,9 @@ import pytest
 from conftest import run_cli, tiny_text
 from tfdp.config import Config
 from tfdp.errors import UserError
-from tfdp.evaluate import evaluate
+from tfdp.evaluation import evaluate
 from tfdp.prepare import prepare
-from tfdp.run import train
+from tfdp.training import train
 from test_training import TINY
 
 

@@ -16,7 +16,7 @@ from tfdp.errors import UserError
 from tfdp.export import TFDP_TOKENIZER_DIR, export
 from tfdp.model import logits
 from tfdp.restore import load_trained
-from tfdp.run import train
+from tfdp.training import train
 from test_training import TINY
 
 # Text the tokenizers must agree on: non-ASCII letters, CJK, an emoji,

@@ -22,7 +22,7 @@ from tfdp.tasks import language_model
 from tfdp.config import Config
 from tfdp.errors import UserError
 from tfdp.restore import load_trained
-from tfdp.run import train
+from tfdp.training import train
 from test_training import TINY
 
 COMMON = dict(train_steps=10, eval_every=5, checkpoint_every=5, **TINY)

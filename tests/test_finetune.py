@@ -13,19 +13,27 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import os
 import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from conftest import run_cli
 from tfdp import classdata
 from tfdp.config import Config
 from tfdp.errors import UserError
-from tfdp.finetune import FinetuneConfig, finetune, load_finetuned, predict
+from tfdp.finetuning import FinetuneConfig, finetune, load_finetuned, predict
 from tfdp.optimizer import build_optimizer
 from tfdp.restore import load_run
-from tfdp.run import train
+from tfdp.training import train
 from tfdp.step import make_train_step
 from tfdp.tasks.classification import ClassificationTask
 from test_training import TINY
@@ -38,6 +46,7 @@ TRAIN_TEMPLATES = ["{s} was {a}.", "i found {s} {a}.", "{s} is really {a}!",
                    "a {a} time with {s}."]
 EVAL_TEMPLATES = ["honestly, {s} seemed {a}.", "they said {s} was {a}"]
 NAMES = ("negative", "positive")
+BIN = Path(sys.executable).parent
 
 
 def sentences(templates, n: int, seed: int) -> list[tuple[str, int]]:
@@ -252,8 +261,9 @@ def test_cli(pretrained, named_csvs, tmp_path):
                    "--global_batch_size=8", "--nojit_compile", "--strategy=mirrored")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "eval accuracy" in done.stdout
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint", "config.json",
-                                                     "labels.json", "metrics.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "checkpoint", "checkpoints", "config.json", "labels.json", "loss.png", "metrics.json",
+        "report.html", "tensorboard", "training.png"]
     cols = write_csv(tmp_path / "cols.csv", [("a", "x")], ("review", "sentiment"))
     bad = run_cli("tfdp-finetune", f"--model_dir={pretrained}", f"--train={cols}",
                   f"--eval={named_csvs[1]}", f"--output_dir={tmp_path / 'bad'}")
@@ -268,3 +278,151 @@ def test_cli(pretrained, named_csvs, tmp_path):
     assert (task.returncode, task.stderr.strip().splitlines()) == (2, [
         "tfdp-finetune: error: --task='regression' is unknown; use one of classification"])
     assert not (tmp_path / "bad").exists()
+
+
+# --- the Runner's guarantees, for a fine-tune ---------------------------------
+
+def _cli_args(pretrained, csvs, out, steps=16):
+    return [f"--model_dir={pretrained}", f"--train={csvs[0]}", f"--eval={csvs[1]}",
+            f"--output_dir={out}", f"--train_steps={steps}", "--global_batch_size=8",
+            "--nojit_compile", "--strategy=mirrored", "--log_every=1", "--checkpoint_every=2",
+            "--learning_rate=3e-3"]
+
+
+def _start(args, env=None):
+    full = {**os.environ, **(env or {})}
+    return subprocess.Popen([str(BIN / args[0]), *args[1:]], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=full)
+
+
+def _until(proc, pattern: str, limit: float = 240) -> str:
+    """Read `proc`'s output until a line matches `pattern` (or it ends)."""
+    lines, deadline = [], time.monotonic() + limit
+    for line in proc.stdout:
+        lines.append(line)
+        if re.search(pattern, line) or time.monotonic() > deadline:
+            break
+    return "".join(lines)
+
+
+def _weights(output_dir):
+    """The fine-tuned weights (checkpoint/: backbone and head), name -> array."""
+    reader = tf.train.load_checkpoint(str(output_dir / "checkpoint" / "ckpt"))
+    return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()
+            if "/.ATTRIBUTES/VARIABLE_VALUE" in name and not name.startswith("save_counter")}
+
+
+def _assert_same_weights(a: dict, b: dict, **tolerance):
+    assert sorted(a) == sorted(b) and a
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], err_msg=name, **tolerance)
+
+
+@pytest.mark.slow
+def test_killed_and_preempted_fine_tune_resumes_to_the_same_weights(pretrained, named_csvs,
+                                                                    tmp_path):
+    """SIGKILL at a random step, rerun, SIGTERM (exit 75, a checkpoint), rerun:
+    the weights equal those of a fine-tune never interrupted."""
+    straight = tmp_path / "straight"
+    finetune(job(pretrained, *named_csvs, straight, train_steps=16, global_batch_size=8),
+             log=quiet)
+    out = tmp_path / "out"
+    kill_at = random.Random().randint(3, 9)
+    proc = _start(["tfdp-finetune", *_cli_args(pretrained, named_csvs, out)])
+    try:
+        seen = _until(proc, rf"^step {kill_at}/16 ")
+        proc.kill()
+    finally:
+        proc.communicate(timeout=60)
+    assert f"step {kill_at}/16" in seen, seen[-2000:]
+    assert not out.exists()  # output_dir appears only when the fine-tune is whole
+    partial = tmp_path / ".out.tfdp-partial"
+    assert (partial / "checkpoints" / "checkpoint").exists()
+
+    proc = _start(["tfdp-finetune", *_cli_args(pretrained, named_csvs, out)])
+    try:
+        first = _until(proc, r"^step 12/16 ")
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.communicate(timeout=60)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    output = first + rest
+    assert re.search(r"resumed from step \d+ ", output), output[-2000:]
+    assert proc.returncode == 75, output[-2000:]
+    stopped = re.search(r"stopped by SIGTERM after step (\d+), checkpoint saved", output)
+    assert stopped and "Traceback" not in output, output[-2000:]
+    assert (partial / "checkpoints" / f"ckpt-{stopped.group(1)}.index").exists()
+    assert not out.exists()
+
+    again = run_cli("tfdp-finetune", *_cli_args(pretrained, named_csvs, out))
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"resumed from step {stopped.group(1)}" in again.stdout
+    assert not partial.exists() and (out / "checkpoint").is_dir()
+    _assert_same_weights(_weights(straight), _weights(out), rtol=1e-5, atol=1e-6)
+    history = json.loads((out / "metrics.json").read_text())["history"]
+    assert [h["step"] for h in history] == [16]
+
+
+@pytest.mark.slow
+def test_two_workers_and_two_replicas_fine_tune_as_one(pretrained, named_csvs, tmp_path):
+    """Three steps through tfdp-launch (2 workers), on 2 replicas and on 1: the
+    same weights. A user's callback (--callbacks) on the 2-worker job writes
+    its file once, from the chief."""
+    plugin = tmp_path / "plugin"
+    plugin.mkdir()
+    (plugin / "tfdp_test_plugin.py").write_text(
+        "import os\nimport keras\n\n"
+        "class Mark(keras.callbacks.Callback):\n"
+        "    def on_train_end(self, logs=None):\n"
+        "        with open(os.environ['MARK_FILE'], 'a') as f:\n"
+        "            f.write(os.environ.get('TF_CONFIG', '-') + '\\n')\n\n"
+        "def make():\n    return [Mark()]\n")
+    mark = tmp_path / "mark.txt"
+    env = {"PYTHONPATH": str(plugin), "MARK_FILE": str(mark), "TMPDIR": str(tmp_path)}
+    env_full = {**os.environ, **env}
+    env_full.pop("TF_CONFIG", None)
+    two = tmp_path / "two_workers"
+    args = [a for a in _cli_args(pretrained, named_csvs, two, steps=3)
+            if a != "--strategy=mirrored"]  # auto: multi-worker from tfdp-launch's TF_CONFIG
+    launch = subprocess.run(
+        [str(BIN / "tfdp-launch"), "--num_workers=2", "--", "tfdp-finetune", *args,
+         "--callbacks=tfdp_test_plugin:make"],
+        capture_output=True, text=True, timeout=300, env=env_full)
+    assert launch.returncode == 0, launch.stdout[-3000:] + launch.stderr[-3000:]
+    assert "CollectiveAllReduceStrategy with 2 replica(s)" in launch.stdout
+    assert len(mark.read_text().splitlines()) == 1  # the chief's only
+    for strategy, name in (("mirrored", "mirrored"), ("one_device", "one")):
+        finetune(job(pretrained, *named_csvs, tmp_path / name, train_steps=3,
+                     global_batch_size=8, strategy=strategy), log=quiet)
+    one = _weights(tmp_path / "one")
+    _assert_same_weights(one, _weights(tmp_path / "mirrored"), rtol=1e-5, atol=1e-6)
+    _assert_same_weights(one, _weights(two), rtol=1e-5, atol=1e-6)
+
+
+def test_a_second_fine_tune_into_a_held_output_dir_is_refused(pretrained, named_csvs,
+                                                              tmp_path):
+    from tfdp import rundir
+    from tfdp.finetuning import partial_dir
+
+    out = tmp_path / "out"
+    with rundir.hold(partial_dir(str(out)), flag="--output_dir"):
+        with pytest.raises(UserError, match=r"is in use by another tfdp job \(.*pid "
+                                            rf"{os.getpid()}"):
+            finetune(job(pretrained, *named_csvs, out, train_steps=2), log=quiet)
+    assert not out.exists()
+
+
+def test_an_interrupted_fine_tune_with_other_flags_is_not_resumed(pretrained, named_csvs,
+                                                                  tmp_path):
+    from tfdp.finetuning import partial_dir
+
+    out = tmp_path / "out"
+    partial = partial_dir(str(out))
+    os.makedirs(partial)
+    with open(os.path.join(partial, "config.json"), "w") as f:
+        json.dump({"learning_rate": 0.5}, f)
+    with pytest.raises(UserError, match=r"holds an interrupted fine-tune into the same "
+                                        r"--output_dir with --model_dir=None .*"
+                                        r"--learning_rate=0.5 \(now 0.003\)"):
+        finetune(job(pretrained, *named_csvs, out, train_steps=2), log=quiet)

@@ -17,7 +17,7 @@ from tfdp.errors import UserError
 from tfdp.prepare import prepare
 from tfdp.presets import resolve
 from tfdp.restore import load_trained
-from tfdp.run import train
+from tfdp.training import train
 from tfdp.tokenizers import ByteTokenizer, load_tokenizer, train_tokenizer
 from test_training import TINY
 

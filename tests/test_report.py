@@ -16,7 +16,7 @@ from conftest import run_cli, tiny_text
 from tfdp.config import Config
 from tfdp.errors import UserError
 from tfdp.report import load_run, loss_figure, read_scalars, training_figure, write_report
-from tfdp.run import train
+from tfdp.training import train
 from test_training import TINY
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -189,11 +189,11 @@ def test_bad_inputs_are_one_line_errors(trained, tmp_path):
 
 def test_a_failing_report_does_not_fail_training(trained, tmp_path, monkeypatch):
     """Training that has finished warns in one line and returns its metrics."""
-    import tfdp.run
+    import tfdp.training
 
     def broken(model_dir):
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr(tfdp.run, "write_report", broken)
+    monkeypatch.setattr(tfdp.training, "write_report", broken)
     run, _, lines = _train(tmp_path, "again", train_steps=2, eval_every=2,
                            checkpoint_every=2, sample_tokens=0)
     assert lines[-1] == ("warning: could not write the run report "

@@ -24,7 +24,7 @@ from tfdp.config import Config
 from tfdp.errors import UserError
 from tfdp.model import build_model
 from tfdp.restore import load_run, load_trained, restore_weights
-from tfdp.run import train
+from tfdp.training import train
 from test_training import TINY
 
 FIX = "restore its files from a backup, or train again into a new --model_dir"
@@ -104,7 +104,7 @@ def test_none_readable_is_one_line(runs, tmp_path):
 def test_evaluate_with_no_readable_checkpoint_is_one_line(runs):
     """In-process (the CLI prints a UserError as one line; its generate twin
     below shows that end to end): eval gets as far as the restore."""
-    from tfdp.evaluate import evaluate
+    from tfdp.evaluation import evaluate
     with pytest.raises(UserError) as err:
         evaluate(str(runs[2]), log=lambda *_: None)
     assert str(err.value) == (f"no checkpoint in {runs[2]}/checkpoints can be read "

@@ -129,7 +129,7 @@ def test_one_process_may_not_hold_a_directory_twice(tmp_path):
 
 
 def test_a_job_releases_what_it_held_when_it_ends(tmp_path):
-    """A `job`-decorated call (tfdp.run.train) releases on return or raise, so
+    """A `job`-decorated call (tfdp.training.train) releases on return or raise, so
     the same process may run the next job there; what it wrote stays."""
     @rundir.job
     def fails(directory):

@@ -18,8 +18,8 @@ import tensorflow_datasets as tfds
 from conftest import run_cli
 from tfdp.config import Config
 from tfdp.errors import UserError
-from tfdp.evaluate import evaluate
-from tfdp.run import train
+from tfdp.evaluation import evaluate
+from tfdp.training import train
 from tfdp.stream import TextStream, stream_windows
 from tfdp.prepare import prepare_stream
 from tfdp.recipes.tfds_text import TfdsText

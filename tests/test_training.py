@@ -14,7 +14,7 @@ import pytest
 from tfdp.config import Config
 from tfdp.errors import UserError
 from tfdp.restore import load_trained
-from tfdp.run import train
+from tfdp.training import train
 
 # XLA compiles take half of a tiny run's time; runs whose subject is not the
 # compiled step leave it off (it is on in test_step, the default-corpus run,

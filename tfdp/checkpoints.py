@@ -6,7 +6,7 @@ into `ckpt-N_temp/` and renames the finished files to `ckpt-N.*`, and the
 `checkpoint` state file naming the latest is rewritten (via a temporary
 name) only after that, so a crash mid-write never leaves a "latest" that
 cannot be read. The chief writes into model_dir, other workers into
-scratch directories (tfdp/run.py).
+scratch directories (tfdp/training.py).
 """
 
 from __future__ import annotations

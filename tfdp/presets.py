@@ -13,7 +13,7 @@ GPT2Tokenizer's vocabulary and merges as tfdp's `bpe`. A preset without
 a tokenizer (a bare backbone) takes the usual --tokenizer, trained on the
 data, sized to the preset's vocabulary by default.
 
-Weights come from the preset only before the first step (tfdp/run.py): a
+Weights come from the preset only before the first step (tfdp/training.py): a
 run that resumes continues from its own checkpoint, so --init_from is not
 one of the fields a resume must repeat unchanged; the architecture fields
 it fixes are.
@@ -163,7 +163,7 @@ def resolve(cfg: Config, explicit) -> tuple[Config, Preset]:
 
 def explicit_fields(cfg: Config) -> set[str]:
     """The fields of `cfg` that differ from Config's defaults: what a caller
-    of tfdp.run.train chose (trainer/ knows which flags were given)."""
+    of tfdp.training.train chose (trainer/ knows which flags were given)."""
     default = Config()
     return {f.name for f in dataclasses.fields(Config)
             if getattr(cfg, f.name) != getattr(default, f.name)}

@@ -1,7 +1,7 @@
 """The model_dir of a run: may this run continue it, discarding an old one,
 and one job at a time.
 
-A model_dir holds one run (layout in tfdp/run.py). Re-running with
+A model_dir holds one run (layout in tfdp/training.py). Re-running with
 compatible flags resumes it; a run whose model shape, data or tokenizer
 differ is refused, or discarded when the user passes --overwrite. Files
 tfdp does not know are never touched.
@@ -212,7 +212,7 @@ def hold(directory: str, flag: str = "--model_dir", say=None) -> Hold:
 
 
 def job(fn):
-    """Decorator: `fn` is one tfdp job (tfdp.run.train): the directories it
+    """Decorator: `fn` is one tfdp job (tfdp.training.train): the directories it
     `hold`s are released when it returns or raises, so that a caller in the
     same process (a test, a notebook) may start the next job there."""
     @functools.wraps(fn)

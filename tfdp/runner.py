@@ -1,6 +1,6 @@
 """The Runner: the one training loop every tfdp job runs through.
 
-A job (tfdp/run.py for tfdp-train, tfdp/finetune.py for tfdp-finetune)
+A job (tfdp/training.py for tfdp-train, tfdp/finetuning.py for tfdp-finetune)
 resolves its config, builds the strategy and a Task (tfdp/tasks/), and hands
 them to a Runner with a `Schedule`. The Runner builds the model in the
 strategy's scope, restores the newest readable checkpoint (or lets the task

@@ -219,6 +219,7 @@ def make_any(strategy):
     @tf.function
     def any_worker(flag):
         def replica(value):
-            return tf.distribute.get_replica_context().all_reduce(SUM, value)
+            local = tf.zeros([]) + value  # made on this replica's device (all_reduce needs it)
+            return tf.distribute.get_replica_context().all_reduce(SUM, local)
         return strategy.experimental_local_results(strategy.run(replica, args=(flag,)))[0] > 0
     return lambda flag: bool(any_worker(tf.constant(float(flag))))

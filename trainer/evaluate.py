@@ -21,7 +21,7 @@ define_tfds_flags()
 
 
 def main() -> None:
-    from tfdp.evaluate import evaluate
+    from tfdp.evaluation import evaluate
 
     evaluate(FLAGS.model_dir, FLAGS.data, FLAGS.split, FLAGS.batch_size, FLAGS.strategy,
              FLAGS.num_cpu_replicas, as_json=FLAGS.json,

@@ -49,7 +49,7 @@ def main() -> None:
     import sys
 
     from tfdp.callbacks import from_factories
-    from tfdp.finetune import FinetuneConfig, finetune
+    from tfdp.finetuning import FinetuneConfig, finetune
 
     fc = FinetuneConfig(**{f.name: FLAGS[f.name].value
                            for f in dataclasses.fields(FinetuneConfig)})

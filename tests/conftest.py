@@ -8,11 +8,17 @@ still gives the single-replica reference.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# tfdp's cache (the measured matmul peak: tfdp/flops.py) and default model_dir
+# live under XDG_CACHE_HOME: the tests share one of their own, never the user's.
+_CACHE = tempfile.mkdtemp(prefix="tfdp-test-cache-")
+os.environ["XDG_CACHE_HOME"] = _CACHE
 
 import pytest  # noqa: E402
 
@@ -21,6 +27,10 @@ from tfdp.strategy import build_strategy, split_cpu  # noqa: E402
 split_cpu(2)  # before any test initialises TensorFlow's devices
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

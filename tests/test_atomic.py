@@ -1,4 +1,5 @@
-"""tfdp/atomic.py: `first_missing` and `staged_directory`.
+"""tfdp/atomic.py: `first_missing`, `staged_directory`, `write_bytes` /
+`write_text` and `require_new_or_empty`.
 
 A staged directory appears at its target whole or not at all: on success the
 build is renamed into place (replacing an empty directory there); a target
@@ -12,7 +13,9 @@ import os
 
 import pytest
 
-from tfdp.atomic import first_missing, staged_directory
+from tfdp.atomic import (first_missing, require_new_or_empty, staged_directory, write_bytes,
+                         write_text)
+from tfdp.errors import UserError
 
 
 def _listing(root):
@@ -198,3 +201,58 @@ def test_a_block_that_builds_nothing_publishes_an_empty_directory(tmp_path):
         pass
     assert target.is_dir() and os.listdir(target) == []
     assert os.listdir(tmp_path) == ["out"]
+
+
+# write_bytes / write_text
+
+def test_write_replaces_a_file_whole_and_leaves_nothing_beside_it(tmp_path):
+    path = tmp_path / "metrics.json"
+    write_text(str(path), "old")
+    write_text(str(path), "näw ✓")
+    assert path.read_bytes() == "näw ✓".encode("utf-8")  # UTF-8 whatever the locale
+    write_bytes(str(path), b"\x00\x01")
+    assert path.read_bytes() == b"\x00\x01"
+    assert os.listdir(tmp_path) == ["metrics.json"]
+
+
+def test_a_failed_write_keeps_the_old_file_and_removes_the_staged_one(tmp_path, monkeypatch):
+    path = tmp_path / "config.json"
+    path.write_text("old")
+
+    def broken(src, dst):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(os, "replace", broken)
+    with pytest.raises(OSError, match="No space"):
+        write_text(str(path), "new")
+    assert path.read_text() == "old" and os.listdir(tmp_path) == ["config.json"]
+
+
+def test_written_files_get_the_umasks_permissions_not_mkstemps_0600(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        write_text(str(tmp_path / "report.html"), "<html>")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "report.html").stat().st_mode & 0o777 == 0o644
+
+
+# require_new_or_empty
+
+def test_new_or_empty_is_accepted_and_made_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert require_new_or_empty("new", "--output") == str(tmp_path / "new")
+    (tmp_path / "empty").mkdir()
+    assert require_new_or_empty("empty", "--output") == str(tmp_path / "empty")
+    assert not (tmp_path / "new").exists()  # only looks
+
+
+def test_a_file_or_a_non_empty_directory_is_refused_naming_the_flag(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match=r"^--output_dir=.*file is a file, not a directory; "
+                                        "choose a new directory$"):
+        require_new_or_empty(str(tmp_path / "file"), "--output_dir")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / ".hidden").write_text("x")
+    with pytest.raises(UserError, match=r"^--output=.*full exists and is not empty; choose a "
+                                        r"new or empty directory \(nothing in that one"):
+        require_new_or_empty(str(tmp_path / "full"), "--output")

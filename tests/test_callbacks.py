@@ -8,7 +8,7 @@ import types
 import tensorflow as tf
 
 from tfdp.callbacks import ProgressLogger, TensorBoardSummaries
-from tfdp.runner import peak_device_memory_gib
+from tfdp.memory import peak_device_memory_gib
 
 LOGS = {"loss": 2.5, "learning_rate": 1e-3, "tokens_per_second": 12000.0,
         "tokens_per_second_per_replica": 6000.0, "step_time": 0.25, "mfu": 0.4,

@@ -28,9 +28,9 @@ import tensorflow as tf
 
 from conftest import run_cli
 from tfdp import classdata
-from tfdp.config import Config
 from tfdp.errors import UserError
-from tfdp.finetuning import FinetuneConfig, finetune, load_finetuned, predict
+from tfdp.config import Config, FinetuneConfig
+from tfdp.finetuning import finetune, load_finetuned, predict
 from tfdp.optimizer import build_optimizer
 from tfdp.restore import load_run
 from tfdp.training import train

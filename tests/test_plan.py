@@ -1,13 +1,15 @@
-"""tfdp-plan's cost model (tfdp/plan.py) and its command line."""
+"""tfdp-plan's cost model (tfdp/costmodel.py), machines (tfdp/machines.py),
+figures (tfdp/plan.py) and its command line."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 
 from conftest import run_cli
-from tfdp import plan
+from tfdp import costmodel, machines, plan
 from tfdp.config import Config
 from tfdp.errors import UserError
 
@@ -18,8 +20,8 @@ SHAPES = [  # (layers, heads, hidden, intermediate, vocab, seq_len)
 ]
 
 
-def _h100(**changes) -> plan.Hardware:
-    return plan.dataclasses.replace(plan.hardware("h100", "bf16"), **changes)
+def _h100(**changes) -> machines.Hardware:
+    return dataclasses.replace(machines.hardware("h100", "bf16"), **changes)
 
 
 @pytest.mark.parametrize("dims", SHAPES)
@@ -29,34 +31,36 @@ def test_parameter_count_equals_the_built_model(dims):
     layers, heads, hidden, inter, vocab, seq = dims
     model = build_model(Config(num_layers=layers, num_heads=heads, hidden_dim=hidden,
                                intermediate_dim=inter, seq_len=seq), vocab)
-    shape = plan.Shape(*dims)
-    assert plan.count_params(shape) == count_params(model)
-    assert plan.non_embedding_params(shape) == non_embedding_params(model)
+    shape = costmodel.Shape(*dims)
+    assert costmodel.count_params(shape) == count_params(model)
+    assert costmodel.non_embedding_params(shape) == non_embedding_params(model)
 
 
 def test_memory_components_scale():
-    small = plan.Job(plan.Shape(4, 4, 128, 512, 257, 128), 32)
-    big = plan.Job(plan.Shape(8, 8, 256, 1024, 257, 128), 32)
-    ratio = plan.count_params(big.shape) / plan.count_params(small.shape)
+    small = costmodel.Job(costmodel.Shape(4, 4, 128, 512, 257, 128), 32)
+    big = costmodel.Job(costmodel.Shape(8, 8, 256, 1024, 257, 128), 32)
+    ratio = costmodel.count_params(big.shape) / costmodel.count_params(small.shape)
     for part in ("weights", "gradients", "optimizer"):
-        assert plan.state_bytes(big)[part] == pytest.approx(ratio * plan.state_bytes(small)[part])
-    assert plan.state_bytes(small)["weights"] == 4 * plan.count_params(small.shape)
-    assert plan.state_bytes(small)["optimizer"] == 8 * plan.count_params(small.shape)
+        assert costmodel.state_bytes(big)[part] == pytest.approx(
+            ratio * costmodel.state_bytes(small)[part])
+    assert costmodel.state_bytes(small)["weights"] == 4 * costmodel.count_params(small.shape)
+    assert costmodel.state_bytes(small)["optimizer"] == 8 * costmodel.count_params(small.shape)
     # Accumulation adds a gradient accumulator; 16-bit compute adds the weights' casts.
-    accum = plan.Job(small.shape, 32, grad_accum_steps=2)
-    assert plan.state_bytes(accum)["gradients"] == 2 * plan.state_bytes(small)["gradients"]
-    assert plan.state_bytes(plan.Job(small.shape, 32, "bf16"))["compute_copies"] == (
-        2 * plan.count_params(small.shape))
+    accum = costmodel.Job(small.shape, 32, grad_accum_steps=2)
+    assert costmodel.state_bytes(accum)["gradients"] == (
+        2 * costmodel.state_bytes(small)["gradients"])
+    assert costmodel.state_bytes(costmodel.Job(small.shape, 32, "bf16"))["compute_copies"] == (
+        2 * costmodel.count_params(small.shape))
     # Activations grow linearly with the micro-batch ...
-    one = plan.activation_bytes(small.shape, 1, "off")
-    assert plan.activation_bytes(small.shape, 7, "off") == pytest.approx(7 * one)
+    one = costmodel.activation_bytes(small.shape, 1, "off")
+    assert costmodel.activation_bytes(small.shape, 7, "off") == pytest.approx(7 * one)
     # ... and a layer's take half the bytes in bf16 (the loss stays float32).
-    two_layers = plan.dataclasses.replace(small.shape, num_layers=2)
-    one_layer = plan.dataclasses.replace(small.shape, num_layers=1)
+    two_layers = dataclasses.replace(small.shape, num_layers=2)
+    one_layer = dataclasses.replace(small.shape, num_layers=1)
 
     def per_layer(precision):
-        return (plan.activation_bytes(two_layers, 4, precision)
-                - plan.activation_bytes(one_layer, 4, precision))
+        return (costmodel.activation_bytes(two_layers, 4, precision)
+                - costmodel.activation_bytes(one_layer, 4, precision))
     assert per_layer("bf16") == pytest.approx(per_layer("off") / 2)
     # Korthikanti et al.'s 34sbh + 5as^2b bytes less dropout's 2sbh + 3as^2b, at 16 bits.
     s, b, h, a = 128, 4, 128, 4
@@ -64,27 +68,27 @@ def test_memory_components_scale():
 
 
 def test_ring_allreduce_formula():
-    assert plan.ring_allreduce_seconds(1e9, 1, 1e9, 1e-3) == 0.0
-    assert plan.ring_allreduce_seconds(1e9, 2, 1e9, 0.0) == pytest.approx(1.0)
-    assert plan.ring_allreduce_seconds(1e9, 8, 1e9, 0.0) == pytest.approx(1.75)
-    assert plan.ring_allreduce_seconds(0, 8, 1e9, 1e-3) == pytest.approx(14e-3)
+    assert costmodel.ring_allreduce_seconds(1e9, 1, 1e9, 1e-3) == 0.0
+    assert costmodel.ring_allreduce_seconds(1e9, 2, 1e9, 0.0) == pytest.approx(1.0)
+    assert costmodel.ring_allreduce_seconds(1e9, 8, 1e9, 0.0) == pytest.approx(1.75)
+    assert costmodel.ring_allreduce_seconds(0, 8, 1e9, 1e-3) == pytest.approx(14e-3)
     hw = _h100(intra_bandwidth=100e9, inter_bandwidth=10e9, intra_latency_s=0.0,
                inter_latency_s=0.0)
-    shape = plan.Shape()
+    shape = costmodel.Shape()
     # Hierarchical: a ring inside the node, then one across nodes.
-    job = plan.Job(shape, 64, num_workers=4, devices_per_worker=8)
-    assert plan.allreduce_seconds(job, hw, 1e9) == pytest.approx(1.75e-2 + 1.5e-1)
-    flat = plan.Job(shape, 64, num_workers=4, devices_per_worker=1)
-    assert plan.allreduce_seconds(flat, hw, 1e9) == pytest.approx(1.5e-1)
+    job = costmodel.Job(shape, 64, num_workers=4, devices_per_worker=8)
+    assert costmodel.allreduce_seconds(job, hw, 1e9) == pytest.approx(1.75e-2 + 1.5e-1)
+    flat = costmodel.Job(shape, 64, num_workers=4, devices_per_worker=1)
+    assert costmodel.allreduce_seconds(flat, hw, 1e9) == pytest.approx(1.5e-1)
 
 
 def test_single_replica_is_fully_efficient():
-    figures = plan.plan(plan.Job(plan.Shape(), 32), _h100())
+    figures = plan.plan(costmodel.Job(costmodel.Shape(), 32), _h100())
     assert figures["allreduce_time_s"] == 0.0
     assert figures["efficiency"] == 1.0
     assert figures["step_time_s"] == pytest.approx(figures["compute_time_s"]
                                                    + figures["fixed_time_s"])
-    several = plan.plan(plan.Job(plan.Shape(), 32, num_workers=2, devices_per_worker=2),
+    several = plan.plan(costmodel.Job(costmodel.Shape(), 32, num_workers=2, devices_per_worker=2),
                         _h100())
     assert 0 < several["efficiency"] < 1
     # The same per-replica work: the same compute time.
@@ -92,10 +96,10 @@ def test_single_replica_is_fully_efficient():
 
 
 def test_waiting_for_the_slowest_and_contention():
-    assert plan.expected_max_normal(1) == 0.0
-    assert plan.expected_max_normal(2) == pytest.approx(0.5642, abs=1e-4)
-    assert plan.expected_max_normal(8) == pytest.approx(1.4236, rel=0.03)  # exact value
-    job = plan.Job(plan.Shape(), 32, num_workers=2, devices_per_worker=1)
+    assert costmodel.expected_max_normal(1) == 0.0
+    assert costmodel.expected_max_normal(2) == pytest.approx(0.5642, abs=1e-4)
+    assert costmodel.expected_max_normal(8) == pytest.approx(1.4236, rel=0.03)  # exact value
+    job = costmodel.Job(costmodel.Shape(), 32, num_workers=2, devices_per_worker=1)
     hw = _h100(step_cv=0.1)
     figures = plan.plan(job, hw)
     busy = figures["compute_time_s"] + figures["fixed_time_s"]
@@ -105,34 +109,35 @@ def test_waiting_for_the_slowest_and_contention():
     assert slow["compute_time_s"] == pytest.approx(2 * figures["compute_time_s"])
     assert slow["efficiency"] < figures["efficiency"]
     # A CPU's logical replicas share one process: no waiting among them.
-    cpu = plan.hardware("cpu", tflops=0.1)
-    one_worker = plan.Job(plan.Shape(), 32, num_workers=1, devices_per_worker=2)
-    assert plan.plan(one_worker, plan.dataclasses.replace(cpu, step_cv=0.2))["wait_time_s"] == 0
+    cpu = machines.hardware("cpu", tflops=0.1)
+    one_worker = costmodel.Job(costmodel.Shape(), 32, num_workers=1, devices_per_worker=2)
+    assert plan.plan(one_worker, dataclasses.replace(cpu, step_cv=0.2))["wait_time_s"] == 0
 
 
 def test_largest_batch_fits_and_one_more_does_not():
-    shape = plan.Shape(12, 12, 768, 3072, 50257, 1024)
-    job = plan.Job(shape, 64, "bf16", num_workers=1, devices_per_worker=8)
-    for hw in (_h100(), plan.hardware("l4", "bf16"), plan.hardware("a100-40gb", "off")):
-        largest = plan.largest_micro_batch(job, hw)
+    shape = costmodel.Shape(12, 12, 768, 3072, 50257, 1024)
+    job = costmodel.Job(shape, 64, "bf16", num_workers=1, devices_per_worker=8)
+    for hw in (_h100(), machines.hardware("l4", "bf16"), machines.hardware("a100-40gb", "off")):
+        largest = costmodel.largest_micro_batch(job, hw)
         assert largest > 0
-        assert plan.memory_bytes(job, hw, largest)["fits"]
-        assert not plan.memory_bytes(job, hw, largest + 1)["fits"]
-    tiny = plan.dataclasses.replace(_h100(), memory_bytes=1e9)
-    assert plan.largest_micro_batch(job, tiny) == 0
+        assert costmodel.memory_bytes(job, hw, largest)["fits"]
+        assert not costmodel.memory_bytes(job, hw, largest + 1)["fits"]
+    tiny = dataclasses.replace(_h100(), memory_bytes=1e9)
+    assert costmodel.largest_micro_batch(job, tiny) == 0
 
 
 def test_hardware_presets_and_overrides():
-    assert plan.hardware("a100", "bf16").peak_flops == 312e12
-    assert plan.hardware("a100", "off").peak_flops == 156e12  # TF32, TensorFlow's default
-    assert plan.hardware("h200", "bf16").peak_flops == plan.hardware("h100", "bf16").peak_flops
-    assert plan.hardware("h200", "bf16").memory_bytes == 141 * plan.GIB
-    assert plan.hardware("a100", "bf16", tflops=100).peak_flops == 100e12
-    assert plan.hardware("cpu", tflops=0.5).shares_compute
+    assert machines.hardware("a100", "bf16").peak_flops == 312e12
+    assert machines.hardware("a100", "off").peak_flops == 156e12  # TF32, TensorFlow's default
+    assert (machines.hardware("h200", "bf16").peak_flops
+            == machines.hardware("h100", "bf16").peak_flops)
+    assert machines.hardware("h200", "bf16").memory_bytes == 141 * machines.GIB
+    assert machines.hardware("a100", "bf16", tflops=100).peak_flops == 100e12
+    assert machines.hardware("cpu", tflops=0.5).shares_compute
     with pytest.raises(UserError, match="--calibrate"):
-        plan.hardware("cpu")
+        machines.hardware("cpu")
     with pytest.raises(UserError, match="a100, a100-40gb, h100"):
-        plan.hardware("tpu")
+        machines.hardware("tpu")
 
 
 def test_json_has_the_figures():
@@ -153,7 +158,7 @@ def test_json_has_the_figures():
 
 @pytest.mark.parametrize("args, says", [
     (["--num_heads=3"], "not divisible by --num_heads=3"),
-    (["--global_batch_size=30", "--devices_per_worker=4"], "does not divide"),
+    (["--global_batch_size=30", "--devices_per_worker=4"], "is not divisible by the 4 replicas"),
     (["--global_batch_size=8", "--devices_per_worker=2", "--grad_accum_steps=3"],
      "use a multiple of 6"),
     (["--device=tpu9"], "a100, a100-40gb, h100, h200, v100, l4"),
@@ -179,24 +184,24 @@ def test_overhead_of_a_large_model_is_extrapolated_per_parameter(monkeypatch):
     timed = []
 
     def fake_step(cfg, vocab, strategy, replicas, jit):
-        shape = plan.Shape(cfg.num_layers, cfg.num_heads, cfg.hidden_dim,
+        shape = costmodel.Shape(cfg.num_layers, cfg.num_heads, cfg.hidden_dim,
                            cfg.intermediate_dim, vocab, cfg.seq_len)
-        timed.append(plan.count_params(shape))
-        return 0.004 + 2e-9 * timed[-1] + 1e-9 * plan.gradient_bytes(shape)
+        timed.append(costmodel.count_params(shape))
+        return 0.004 + 2e-9 * timed[-1] + 1e-9 * costmodel.gradient_bytes(shape)
 
     monkeypatch.setattr(probes, "whole_step", fake_step)
-    monkeypatch.setattr(probes, "allreduce_seconds", lambda strategy, nbytes: 1e-9 * nbytes)
-    big = plan.Shape(12, 12, 768, 3072, 50257, 1024)  # GPT-2 small, 124M parameters
-    n = plan.count_params(big)
+    monkeypatch.setattr(probes, "time_allreduce", lambda strategy, nbytes: (1e-9 * nbytes, True))
+    big = costmodel.Shape(12, 12, 768, 3072, 50257, 1024)  # GPT-2 small, 124M parameters
+    n = costmodel.count_params(big)
     assert n > probes.OVERHEAD_MAX_PARAMS
     overhead = probes.step_overhead(big, "off", None, 2, True)
     assert len(timed) == 2 and max(timed) <= probes.OVERHEAD_MAX_PARAMS
     assert overhead == pytest.approx(0.004 + 2e-9 * n)
     timed.clear()
-    small = plan.Shape()
+    small = costmodel.Shape()
     assert probes.step_overhead(small, "off", None, 1, True) == pytest.approx(
-        0.004 + 2e-9 * plan.count_params(small) + 1e-9 * plan.gradient_bytes(small))
-    assert timed == [plan.count_params(small)]  # one replica: no all-reduce to leave out
+        0.004 + 2e-9 * costmodel.count_params(small) + 1e-9 * costmodel.gradient_bytes(small))
+    assert timed == [costmodel.count_params(small)]  # one replica: no all-reduce to leave out
 
 
 @pytest.mark.slow

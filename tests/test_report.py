@@ -15,7 +15,9 @@ import pytest
 from conftest import run_cli, tiny_text
 from tfdp.config import Config
 from tfdp.errors import UserError
-from tfdp.report import load_run, loss_figure, read_scalars, training_figure, write_report
+from tfdp.figures import loss_figure, training_figure
+from tfdp.report import write_report
+from tfdp.rundata import read_run_data, read_scalars
 from tfdp.training import train
 from test_training import TINY
 
@@ -77,7 +79,7 @@ def test_the_plots_draw_the_runs_own_numbers(trained):
     step, val loss at 10 and 20 (= metrics.json's history), tokens = step ×
     global batch × seq_len."""
     run, metrics, _ = trained
-    data = load_run(str(run))
+    data = read_run_data(str(run))
     train_events = _events_by_step(run / "tensorboard" / "train", "loss")
     val_events = _events_by_step(run / "tensorboard" / "val", "loss")
     assert sorted(train_events) == list(range(1, 21)) and sorted(val_events) == [10, 20]
@@ -130,7 +132,7 @@ def test_a_single_validation_is_said_in_words(tmp_path, mirrored):
     page = (run / "report.html").read_text(encoding="utf-8")
     assert "1 validation (step 5): no curve to draw" in page
     assert "the run generated no sample" in page
-    assert load_run(str(run)).series["val_loss"]["step"] == [5]
+    assert read_run_data(str(run)).series["val_loss"]["step"] == [5]
 
 
 def test_no_validation_and_no_steps_yet(trained, tmp_path):
@@ -145,7 +147,7 @@ def test_no_validation_and_no_steps_yet(trained, tmp_path):
     assert "no validation yet" in page
     assert "training has not finished and has no validation yet" in page
     assert open(png_path, "rb").read(8) == PNG_MAGIC
-    assert len(load_run(str(run)).series["train_loss"]["step"]) == 20
+    assert len(read_run_data(str(run)).series["train_loss"]["step"]) == 20
 
     # A run in progress: metrics.json holds the history so far, shown as such.
     first = json.loads((trained[0] / "metrics.json").read_text())["history"][0]

@@ -27,7 +27,7 @@ _API = {
     "finetune": ("tfdp.finetuning", "finetune"),
     "evaluate": ("tfdp.evaluation", "evaluate"),
     "Config": ("tfdp.config", "Config"),
-    "FinetuneConfig": ("tfdp.finetuning", "FinetuneConfig"),
+    "FinetuneConfig": ("tfdp.config", "FinetuneConfig"),
     "Runner": ("tfdp.runner", "Runner"),
     "Schedule": ("tfdp.runner", "Schedule"),
     "Task": ("tfdp.tasks", "Task"),

@@ -1,5 +1,5 @@
 """tfdp-plan --calibrate: this machine's constants for the cost model
-(tfdp/plan.py's `Hardware`), measured rather than looked up.
+(tfdp/machines.py's `Hardware`), measured rather than looked up.
 
   peak_flops      a square matmul in the compute dtype (tfdp.flops)
   efficiency      tfdp's forward and backward of the planned model, cut to
@@ -53,7 +53,9 @@ import sys
 import time
 
 from tfdp import probes
+from tfdp.costmodel import Job, Shape, count_params, gradient_bytes, step_flops
 from tfdp.errors import UserError
+from tfdp.machines import CPU, machine_memory_bytes
 
 
 def rss_bytes() -> float:
@@ -75,7 +77,7 @@ def pin_threads(threads: int) -> None:
 
 
 def _ring_fit(t_small: float, t_big: float, nbytes: float, n: int) -> tuple[float, float]:
-    """(bandwidth bytes/s, latency s per hop) so that plan.ring_allreduce_seconds
+    """(bandwidth bytes/s, latency s per hop) so that costmodel.ring_allreduce_seconds
     gives t_small for 4 bytes and t_big for `nbytes` over n members."""
     latency = t_small / (2 * (n - 1))
     extra = max(t_big - t_small, 1e-9)
@@ -83,7 +85,7 @@ def _ring_fit(t_small: float, t_big: float, nbytes: float, n: int) -> tuple[floa
 
 
 def calibrate(job, device: str, cpu_threads: int = 0, log=print) -> dict:
-    """Measured Hardware fields for `job` (a tfdp.plan.Job) on this machine.
+    """Measured Hardware fields for `job` (a tfdp.costmodel.Job) on this machine.
 
     A one-worker plan is measured in this process. A multi-worker plan is
     measured in a 2-worker loopback job (tfdp.launch, each worker on
@@ -92,9 +94,7 @@ def calibrate(job, device: str, cpu_threads: int = 0, log=print) -> dict:
     the machine, as the real job will (shared caches and memory bandwidth,
     hyperthreads, other tenants).
     """
-    from tfdp import plan
-
-    if device != plan.CPU:
+    if device != CPU:
         import tensorflow as tf
         if not tf.config.list_physical_devices("GPU"):
             raise UserError(f"--calibrate measures this machine, which has no GPU to stand "
@@ -102,9 +102,9 @@ def calibrate(job, device: str, cpu_threads: int = 0, log=print) -> dict:
     if job.num_workers > 1:
         log(f"calibrating: 2 workers on loopback ({cpu_threads or 'all'} core(s) each): "
             "matmul peak, the model's forward and backward, per-step overhead, all-reduce "
-            f"of {plan.gradient_bytes(job.shape) / 1e6:.2f} MB ...")
+            f"of {gradient_bytes(job.shape) / 1e6:.2f} MB ...")
         return loopback(job, device, cpu_threads)
-    if device == plan.CPU and cpu_threads:
+    if device == CPU and cpu_threads:
         pin_threads(cpu_threads)
     return measure_worker(job, device, log)
 
@@ -113,16 +113,15 @@ def measure_worker(job, device: str, log=lambda *_: None, multi_worker: bool = F
     """Every figure on this process's devices (see the module doc)."""
     import tensorflow as tf
 
-    from tfdp import plan
     from tfdp.flops import measure_matmul_flops
     from tfdp.step import default_jit_compile
     from tfdp.strategy import build_strategy, is_chief, split_cpu
 
     measured: dict = {"calibrated": True}
     shape, d = job.shape, job.devices_per_worker
-    grad_bytes = int(plan.gradient_bytes(shape))
-    gpus = tf.config.list_physical_devices("GPU") if device != plan.CPU else []
-    if device == plan.CPU:
+    grad_bytes = int(gradient_bytes(shape))
+    gpus = tf.config.list_physical_devices("GPU") if device != CPU else []
+    if device == CPU:
         tf.config.set_visible_devices([], "GPU")
         if d > 1 and not multi_worker:
             split_cpu(d)
@@ -141,8 +140,8 @@ def measure_worker(job, device: str, log=lambda *_: None, multi_worker: bool = F
                                                   dtype=dtype, seconds=1.5)
 
     if replicas > 1:
-        t_small = probes.allreduce_seconds(strategy, probes.SMALL_BYTES)
-        t_big = probes.allreduce_seconds(strategy, grad_bytes)
+        t_small = probes.time_allreduce(strategy, probes.SMALL_BYTES)[0]
+        t_big = probes.time_allreduce(strategy, grad_bytes)[0]
         bandwidth, latency = _ring_fit(t_small, t_big, grad_bytes, replicas)
         where = "inter" if multi_worker else "intra"
         measured[f"{where}_bandwidth"], measured[f"{where}_latency_s"] = bandwidth, latency
@@ -150,10 +149,10 @@ def measure_worker(job, device: str, log=lambda *_: None, multi_worker: bool = F
     measured["fixed_step_s"] = probes.step_overhead(shape, job.mixed_precision, strategy,
                                                     replicas, jit)
     if not gpus:
-        n = plan.count_params(shape)  # the state step_overhead's model holds:
+        n = count_params(shape)  # the state step_overhead's model holds:
         probed = 16.0 * n * local if n <= probes.OVERHEAD_MAX_PARAMS else 0.0
         measured["framework_bytes"] = max(rss_bytes() - probed, 0.0)
-        measured["memory_bytes"] = plan.machine_memory_bytes()
+        measured["memory_bytes"] = machine_memory_bytes()
 
     # Efficiency: forward and backward of min(L, 2) real layers on every local
     # replica (a multi-worker job: on this worker's one replica, no collectives).
@@ -165,10 +164,10 @@ def measure_worker(job, device: str, log=lambda *_: None, multi_worker: bool = F
     one_device = tf.distribute.OneDeviceStrategy(first)
     run = probes.forward_backward(probe, shape.vocab_size,
                                   one_device if multi_worker else strategy, job.micro_batch, jit)
-    probe_job = plan.Job(plan.Shape(layers, heads, shape.hidden_dim, shape.intermediate_dim,
-                                    shape.vocab_size, shape.seq_len),
-                         job.micro_batch * local, job.mixed_precision, 1, 1, local)
-    flops = plan.step_flops(probe_job) / local * (1 if gpus else local)
+    probe_job = Job(Shape(layers, heads, shape.hidden_dim, shape.intermediate_dim,
+                          shape.vocab_size, shape.seq_len),
+                    job.micro_batch * local, job.mixed_precision, 1, 1, local)
+    flops = step_flops(probe_job) / local * (1 if gpus else local)
     if multi_worker:
         # Rounds of both workers computing, then the chief alone (the other
         # waiting in an all-reduce): the ratio is what two busy workers cost
@@ -255,13 +254,12 @@ def loopback(job, device: str, cpu_threads: int) -> dict:
 def _worker(spec: str) -> None:
     """One loopback calibration worker: every worker prints its JSON line."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    from tfdp import plan
     from tfdp.strategy import is_chief
 
     values = json.loads(spec)
     device = values.pop("device")
-    shape = plan.Shape(**values.pop("shape"))
-    job = plan.Job(shape, **values)
+    shape = Shape(**values.pop("shape"))
+    job = Job(shape, **values)
     measured = measure_worker(job, device, multi_worker=True)
     from tfdp.strategy import build_strategy
     chief = is_chief(build_strategy("multi_worker_mirrored", collective_timeout=300))

@@ -1,4 +1,5 @@
-"""One frozen configuration for a training run.
+"""The frozen configurations: Config for a training run, FinetuneConfig for
+a fine-tune.
 
 trainer/ turns absl flags into a `Config`; everything below takes the config
 (or plain arguments) and never reads flags. `validate()` rejects bad values
@@ -16,10 +17,15 @@ from tfdp.errors import UserError
 
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker_mirrored")
 TOKENIZERS = ("byte", "char", "wordpiece", "sentencepiece", "bpe")
+# The vocabulary a tokenizer gets without --vocab_size (byte and char are fixed).
+DEFAULT_VOCAB_SIZE = {"byte": 257, "char": 256, "wordpiece": 8192, "sentencepiece": 8192,
+                      "bpe": 8192}
 SAMPLERS = ("greedy", "top_k", "top_p")
 INPUT_SHARDING = ("auto", "interleave")
 ALL_REDUCE_DTYPES = ("float32", "bfloat16")
 MIXED_PRECISION = ("off", "bf16", "fp16")
+FINETUNE_TASKS = ("classification",)  # tfdp-finetune --task (tfdp/tasks/)
+POOLINGS = ("last", "mean")  # what a classifier's head reads (tfdp/tasks/classification.py)
 COLLECTIVES = ("auto", "nccl", "ring")  # tfdp/strategy.py: choose_collective
 # Exit codes tfdp uses for other outcomes, which a preemption must not take:
 # 1 (a bug: Python's traceback), 2 (a user's mistake), 3 (a lost peer),
@@ -34,6 +40,20 @@ RESUME_FIELDS = (
     "num_layers", "num_heads", "hidden_dim", "intermediate_dim",
     "global_batch_size", "seed",
 )
+
+
+def check_batch(global_batch_size: int, replicas: int, grad_accum_steps: int = 1,
+                flag: str = "--global_batch_size") -> None:
+    """The global batch must split evenly over the replicas (and each
+    replica's share into the gradient-accumulation micro-batches)."""
+    if global_batch_size % replicas:
+        raise UserError(f"{flag}={global_batch_size} is not divisible by the "
+                        f"{replicas} replicas; use a multiple of {replicas}")
+    if global_batch_size % (replicas * grad_accum_steps):
+        unit = replicas * grad_accum_steps
+        raise UserError(f"{flag}={global_batch_size} does not split into "
+                        f"--grad_accum_steps={grad_accum_steps} micro-batches on each of the "
+                        f"{replicas} replicas; use a multiple of {unit}")
 
 
 def default_model_dir() -> str:
@@ -82,7 +102,7 @@ class Config:
     eval_steps: int = 0  # 0: the whole validation split
     checkpoint_every: int = 250
     keep_checkpoints: int = 3
-    # Fault tolerance (README "Checkpoints, resume and failures").
+    # Fault tolerance (docs/checkpoints.md).
     skip_nonfinite_steps: int = 0  # updates with NaN/Inf loss or gradients to skip before stopping
     preemption_grace_seconds: float = 25.0  # SIGTERM -> checkpoint -> exit within this
     # The status after that checkpoint: 75 (EX_TEMPFAIL) by default; a
@@ -210,7 +230,72 @@ class Config:
     def resume_conflicts(self, saved: "Config") -> str | None:
         """Why a run saved with `saved` cannot be continued by this config
         (its model or data differ), or None when it can."""
+        # Runs saved before config.json held resolved values kept None for the
+        # tokenizer's default vocabulary: the same thing as that size.
+        if saved.vocab_size is None and self.vocab_size is not None:
+            saved = dataclasses.replace(saved,
+                                        vocab_size=DEFAULT_VOCAB_SIZE.get(saved.tokenizer))
         diffs = [f"--{name}={getattr(saved, name)!r} (now {getattr(self, name)!r})"
                  for name in RESUME_FIELDS
                  if getattr(saved, name) != getattr(self, name)]
         return f"holds a run with {', '.join(diffs)}" if diffs else None
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+    """One fine-tuning job; trainer/finetune.py fills it from flags."""
+
+    model_dir: str
+    train: str
+    eval: str
+    output_dir: str
+    task: str = "classification"
+    text_column: str = "text"
+    label_column: str = "label"
+    pooling: str = "last"
+    seq_len: int = 0  # 0: the longest example (+ EOT), at most the model's seq_len
+    global_batch_size: int = 32
+    epochs: float = 3.0
+    train_steps: int = 0  # > 0 overrides epochs
+    learning_rate: float = 1e-3
+    warmup_fraction: float = 0.1
+    weight_decay: float = 0.01
+    clip_norm: float = 1.0
+    eval_every: int = 0  # 0: only at the end
+    checkpoint_every: int = 250  # and at the end
+    keep_checkpoints: int = 3
+    log_every: int = 50
+    steps_per_loop: int = 1
+    seed: int = 1234
+    strategy: str = "auto"
+    num_cpu_replicas: int = 2
+    collective: str = "auto"  # as tfdp-train's (tfdp/strategy.py)
+    allow_cpu: bool = False
+    jit_compile: bool | None = None
+    preemption_grace_seconds: float = 25.0
+    preempted_exit_code: int = 75
+    tfds_data_dir: str | None = None
+    tfds_download: bool = False
+
+    def validate(self) -> "FinetuneConfig":
+        if self.task not in FINETUNE_TASKS:
+            raise UserError(f"--task={self.task!r} is unknown; use one of "
+                            f"{', '.join(FINETUNE_TASKS)}")
+        if self.pooling not in POOLINGS:
+            raise UserError(f"--pooling={self.pooling!r} is unknown; use one of "
+                            f"{', '.join(POOLINGS)}")
+        for name in ("global_batch_size", "num_cpu_replicas", "checkpoint_every",
+                     "keep_checkpoints", "log_every", "steps_per_loop"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"--{name}={getattr(self, name)} must be a positive integer")
+        for name in ("seq_len", "train_steps", "eval_every", "weight_decay", "clip_norm"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name}={getattr(self, name)} must not be negative")
+        if self.learning_rate <= 0 or (self.train_steps == 0 and self.epochs <= 0):
+            raise UserError("--learning_rate and --epochs (or --train_steps) must be positive")
+        if not 0.0 <= self.warmup_fraction < 1.0:
+            raise UserError(f"--warmup_fraction={self.warmup_fraction} must be in [0, 1)")
+        # The loop's own checks (exit code, grace) are tfdp-train's.
+        Config(preemption_grace_seconds=self.preemption_grace_seconds,
+               preempted_exit_code=self.preempted_exit_code).validate()
+        return self

@@ -22,14 +22,14 @@ import shutil
 import tempfile
 
 from tfdp import recipes
-from tfdp.config import Config
+from tfdp.config import Config, check_batch
 from tfdp.dataset import Split
 from tfdp.errors import UserError
 from tfdp.prepare import is_prepared, load_manifest, prepare, write_prepared
 from tfdp.recipes.tfds_text import TfdsText, is_tfds
 from tfdp.restore import load_run, restore_weights
 from tfdp.rundir import same_files
-from tfdp.runner import check_batch, evaluate_task
+from tfdp.runner import evaluate_task
 from tfdp.step import default_jit_compile, make_eval_step
 from tfdp.tasks.language_model import LanguageModelTask
 from tfdp.strategy import build_strategy, is_chief

@@ -32,7 +32,7 @@ import shutil
 
 import numpy as np
 
-from tfdp.atomic import staged_directory
+from tfdp.atomic import require_new_or_empty, staged_directory
 from tfdp.errors import UserError
 
 FORMATS = ("saved_model", "preset")
@@ -40,25 +40,12 @@ TFDP_TOKENIZER_DIR = "tfdp_tokenizer"  # tfdp's tokenizer inside a preset
 _EOT = "<|endoftext|>"
 
 
-def _check_output(output: str) -> None:
-    """Refuse an output that is a file or a non-empty directory: an export
-    never mixes its files with others, nor replaces them."""
-    if os.path.isdir(output):
-        if os.listdir(output):
-            raise UserError(f"--output={output} exists and is not empty; give a new "
-                            "directory (or remove that one)")
-    elif os.path.lexists(output):
-        raise UserError(f"--output={output} is a file, not a directory; give a new "
-                        "directory")
-
-
 def export(model_dir: str, output: str, fmt: str, log=print) -> str:
     """Export the latest checkpoint of `model_dir` to `output` in format
     `fmt` (one of FORMATS); return the absolute output path."""
     if fmt not in FORMATS:
         raise UserError(f"--format={fmt!r} is unknown; use one of {', '.join(FORMATS)}")
-    output = os.path.abspath(os.path.expanduser(output))
-    _check_output(output)
+    output = require_new_or_empty(output, "--output")
     from tfdp.restore import load_trained  # TensorFlow loads here, after the cheap checks
     model, tokenizer, cfg = load_trained(model_dir)
     tokenizer_dir = os.path.join(os.path.abspath(os.path.expanduser(model_dir)), "tokenizer")
@@ -71,7 +58,7 @@ def export(model_dir: str, output: str, fmt: str, log=print) -> str:
         else:
             notes = _preset(model, tokenizer, tokenizer_dir, cfg, build)
             shutil.copytree(tokenizer_dir, os.path.join(build, TFDP_TOKENIZER_DIR))
-        _check_output(output)  # still new or empty? (rename onto an empty directory works)
+        require_new_or_empty(output, "--output")  # still? (publish replaces only an empty one)
     log(f"exported {fmt} to {output}: {notes}")
     return output
 

@@ -31,87 +31,26 @@ import numpy as np
 import tensorflow as tf
 
 from tfdp import classdata, rundir, watchdog
-from tfdp.atomic import publish
-from tfdp.config import Config
-from tfdp.errors import Preempted, UserError
+from tfdp.atomic import publish, require_new_or_empty, write_text
+from tfdp.config import Config, FinetuneConfig, check_batch
+from tfdp.errors import UserError
 from tfdp.flops import flops_per_token, machine_peak_flops
 from tfdp.model import non_embedding_params
 from tfdp.optimizer import build_optimizer
 from tfdp.report import write_report
 from tfdp.restore import load_run
-from tfdp.rundir import read_json, write_text
-from tfdp.runner import Runner, Schedule, check_batch
+from tfdp.rundir import read_json
+from tfdp.runner import Runner, Schedule
 from tfdp.strategy import build_strategy, describe, is_chief
-from tfdp.tasks.classification import (POOLINGS, Classifier, ClassificationTask,
-                                       build_classifier)
+from tfdp.tasks.classification import Classifier, ClassificationTask, build_classifier
 from tfdp.tasks.classification import predict as predict_packed
 
-TASKS = ("classification",)
 PARTIAL_SUFFIX = ".tfdp-partial"
 # What a resumed fine-tune must share with the interrupted one: everything
 # that decides the weights. The strategy, replicas and cadence may change.
 RESUME_FIELDS = ("model_dir", "train", "eval", "task", "text_column", "label_column",
                  "pooling", "seq_len", "global_batch_size", "steps", "learning_rate",
                  "warmup_fraction", "weight_decay", "clip_norm", "seed")
-
-
-@dataclasses.dataclass(frozen=True)
-class FinetuneConfig:
-    """One fine-tuning job; trainer/finetune.py fills it from flags."""
-
-    model_dir: str
-    train: str
-    eval: str
-    output_dir: str
-    task: str = "classification"
-    text_column: str = "text"
-    label_column: str = "label"
-    pooling: str = "last"
-    seq_len: int = 0  # 0: the longest example (+ EOT), at most the model's seq_len
-    global_batch_size: int = 32
-    epochs: float = 3.0
-    train_steps: int = 0  # > 0 overrides epochs
-    learning_rate: float = 1e-3
-    warmup_fraction: float = 0.1
-    weight_decay: float = 0.01
-    clip_norm: float = 1.0
-    eval_every: int = 0  # 0: only at the end
-    checkpoint_every: int = 250  # and at the end
-    keep_checkpoints: int = 3
-    log_every: int = 50
-    steps_per_loop: int = 1
-    seed: int = 1234
-    strategy: str = "auto"
-    num_cpu_replicas: int = 2
-    collective: str = "auto"  # as tfdp-train's (tfdp/strategy.py)
-    allow_cpu: bool = False
-    jit_compile: bool | None = None
-    preemption_grace_seconds: float = 25.0
-    preempted_exit_code: int = Preempted.exit_code
-    tfds_data_dir: str | None = None
-    tfds_download: bool = False
-
-    def validate(self) -> "FinetuneConfig":
-        if self.task not in TASKS:
-            raise UserError(f"--task={self.task!r} is unknown; use one of {', '.join(TASKS)}")
-        if self.pooling not in POOLINGS:
-            raise UserError(f"--pooling={self.pooling!r} is unknown; use one of "
-                            f"{', '.join(POOLINGS)}")
-        for name in ("global_batch_size", "num_cpu_replicas", "checkpoint_every",
-                     "keep_checkpoints", "log_every", "steps_per_loop"):
-            if getattr(self, name) <= 0:
-                raise UserError(f"--{name}={getattr(self, name)} must be a positive integer")
-        for name in ("seq_len", "train_steps", "eval_every", "weight_decay", "clip_norm"):
-            if getattr(self, name) < 0:
-                raise UserError(f"--{name}={getattr(self, name)} must not be negative")
-        if self.learning_rate <= 0 or (self.train_steps == 0 and self.epochs <= 0):
-            raise UserError("--learning_rate and --epochs (or --train_steps) must be positive")
-        if not 0.0 <= self.warmup_fraction < 1.0:
-            raise UserError(f"--warmup_fraction={self.warmup_fraction} must be in [0, 1)")
-        # The loop's own checks (exit code, grace) are tfdp-train's.
-        Config(preemption_grace_seconds=self.preemption_grace_seconds,
-               preempted_exit_code=self.preempted_exit_code).validate()
-        return self
 
 
 def partial_dir(output_dir: str) -> str:
@@ -125,10 +64,7 @@ def finetune(fc: FinetuneConfig, callbacks=(), log=print, live=None) -> dict:
     """Run (or resume) the fine-tuning job; return the metrics (also in
     metrics.json). `callbacks`, `log` and `live` as for tfdp.training.train."""
     fc = fc.validate()
-    output_dir = os.path.abspath(os.path.expanduser(fc.output_dir))
-    if os.path.exists(output_dir) and (not os.path.isdir(output_dir) or os.listdir(output_dir)):
-        raise UserError(f"--output_dir={output_dir} exists and is not empty; name a new "
-                        "directory (nothing there is overwritten)")
+    output_dir = require_new_or_empty(fc.output_dir, "--output_dir")
     # The strategy first: it fixes TensorFlow's devices.
     saved = Config.load(os.path.abspath(os.path.expanduser(fc.model_dir))) or Config()
     strategy = build_strategy(fc.strategy, fc.num_cpu_replicas,

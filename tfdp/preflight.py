@@ -14,8 +14,10 @@ checks below, and the chief prints one table, a row per worker.
   code        a fingerprint of tfdp's own sources (its recipes included) and
               the TensorFlow, Keras, keras-hub, NumPy and Python versions;
               every worker must match the chief's.
-  all-reduce  `allreduce_mb` MB per replica summed ROUNDS times: the sum
-              must be exact, and the row shows the time and the bandwidth,
+  all-reduce  `allreduce_mb` MB per replica summed ROUNDS times after three
+              warm-up calls (tfdp/probes.py's timer, which tfdp-plan
+              --calibrate uses too): every sum must be exact, and the row
+              shows the median time and the bandwidth,
               algorithmic (bytes / time) and bus (x 2(n-1)/n, what each link
               of a ring carries; the figure NCCL's tests report).
   train step  one tfdp training step (tfdp/step.py) of a tiny GPT on a fixed
@@ -35,7 +37,6 @@ import hashlib
 import platform
 import socket
 import sys
-import time
 from pathlib import Path
 
 import keras
@@ -46,7 +47,8 @@ from tfdp import cluster, gpus, watchdog
 from tfdp.config import Config
 from tfdp.model import build_model
 from tfdp.optimizer import build_optimizer
-from tfdp.step import SUM, make_train_step
+from tfdp.probes import time_allreduce
+from tfdp.step import make_train_step
 from tfdp.strategy import build_strategy, describe, is_chief
 from tfdp.tasks.language_model import LanguageModelTask
 
@@ -103,31 +105,14 @@ def _gather(strategy, row: np.ndarray) -> np.ndarray:
 
 
 def time_all_reduce(strategy, megabytes: float) -> dict:
-    """Seconds per all-reduce of `megabytes` MB per replica, its bandwidths,
-    and whether the sum came out exact."""
-    size = max(int(megabytes * 2**20 / 4), 1)
+    """Seconds per all-reduce of `megabytes` MB per replica (tfdp/probes.py's
+    timer: the median of ROUNDS), its bandwidths, and whether every sum came
+    out exact."""
+    nbytes = max(int(megabytes * 2**20) // 4, 1) * 4
     n = strategy.num_replicas_in_sync
-
-    @tf.function
-    def reduce_once():
-        def replica_fn():
-            ctx = tf.distribute.get_replica_context()
-            x = tf.fill([size], tf.cast(ctx.replica_id_in_sync_group + 1, tf.float32))
-            total = ctx.all_reduce(SUM, x)
-            return tf.reduce_min(total), tf.reduce_max(total)
-        return strategy.run(replica_fn)
-
-    def once():
-        low, high = reduce_once()
-        return (float(strategy.experimental_local_results(low)[0]),
-                float(strategy.experimental_local_results(high)[0]))
-    once()  # trace and warm up
-    began = time.perf_counter()
-    results = [once() for _ in range(ROUNDS)]
-    seconds = (time.perf_counter() - began) / ROUNDS
-    expected = n * (n + 1) / 2
-    algorithmic = size * 4 / seconds
-    return {"seconds": seconds, "exact": all(r == (expected, expected) for r in results),
+    seconds, exact = time_allreduce(strategy, nbytes, ROUNDS)
+    algorithmic = nbytes / seconds
+    return {"seconds": seconds, "exact": exact,
             "algorithmic_gbps": algorithmic * 8 / 1e9,
             "bus_gbps": algorithmic * 8 / 1e9 * (2 * (n - 1) / n if n > 1 else 1.0)}
 

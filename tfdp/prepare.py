@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tfdp.atomic import staged_directory
+from tfdp.atomic import require_new_or_empty, staged_directory
 from tfdp.errors import UserError
 from tfdp.recipes.tfds_text import MAX_VAL_BYTES
 from tfdp.tokenizers import train_tokenizer
@@ -90,18 +90,6 @@ def _write_shards(directory: str, split: str, tokens: np.ndarray, dtype) -> list
     return shards
 
 
-def check_output(output: str) -> str:
-    """`output` made absolute; UserError unless it is new or an empty directory."""
-    output = os.path.abspath(output)
-    if os.path.exists(output) and not os.path.isdir(output):
-        raise UserError(f"--output={output} is a file, not a directory; "
-                        "choose a new directory")
-    if os.path.exists(output) and os.listdir(output):
-        raise UserError(f"--output={output} already exists and is not empty; "
-                        "choose a new directory or delete it")
-    return output
-
-
 def prepare(files: list[Path], output: str, tokenizer="byte",
             vocab_size: int | None = None, val_fraction: float = 0.02,
             log=print) -> dict:
@@ -110,7 +98,7 @@ def prepare(files: list[Path], output: str, tokenizer="byte",
     `tokenizer` names the kind to train on the training text, or is a
     tokenizer already trained (tfdp-eval scores text with the model's own).
     """
-    output = check_output(output)
+    output = require_new_or_empty(output, "--output")
     docs = read_documents(files)
     kind = tokenizer if isinstance(tokenizer, str) else tokenizer.kind
     if kind != "byte":
@@ -140,7 +128,7 @@ def prepare_stream(source, train_split: str, val_split: str, output: str,
     TOKENIZER_SAMPLE_BYTES of the training split and write it into `output`
     with the validation split's tokens (at most MAX_VAL_BYTES of text).
     Training text is not written: tfdp/stream.py tokenizes it as it reads."""
-    output = check_output(output)
+    output = require_new_or_empty(output, "--output")
     sample: list[bytes] = []
     if isinstance(tokenizer, str) and tokenizer != "byte":  # byte learns nothing
         sample, whole = source.documents(train_split, TOKENIZER_SAMPLE_BYTES)
@@ -166,7 +154,7 @@ def write_prepared(output: str, tok, splits: dict[str, list[bytes]], about: dict
     Everything is written to a staging directory beside `output` and renamed
     into place at the end, so a failure leaves nothing behind.
     """
-    output = check_output(output)
+    output = require_new_or_empty(output, "--output")
     dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
     streams = {split: _stream(tok, docs) for split, docs in splits.items()}
     with staged_directory(output, ".tfdp-prepare-") as staging:

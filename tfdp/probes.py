@@ -14,6 +14,8 @@ import dataclasses
 import statistics
 import time
 
+from tfdp.costmodel import count_params, gradient_bytes
+
 SMALL_BYTES = 4  # one float: the all-reduce's latency
 OVERHEAD_WINDOW = 8  # tokens per window when timing a step's overhead
 OVERHEAD_MAX_PARAMS = 20_000_000  # larger models: timed narrower, extrapolated
@@ -60,23 +62,32 @@ def alternating(fns, rounds: int = ROUNDS, seconds: float = 0.6) -> list[list[fl
 
 
 def allreduce_fn(strategy, nbytes: int):
-    """A blocking call: one SUM all-reduce of a float32 buffer of `nbytes`."""
+    """A blocking call: one SUM all-reduce of a float32 buffer of `nbytes`
+    per replica, replica i sending i + 1 in every element; it returns
+    whether every element of every local replica's sum is n(n+1)/2 (checked
+    on the device, so one flag comes back: a wrong sum is a broken
+    collective, which tfdp-preflight reports)."""
     import tensorflow as tf
 
-    size = max(nbytes // 4, 1)
+    size, n = max(nbytes // 4, 1), strategy.num_replicas_in_sync
+    expected = n * (n + 1) / 2  # exact in float32 for any realistic n
 
     @tf.function
     def reduce():
         def send():
-            return tf.distribute.get_replica_context().all_reduce("SUM", tf.ones([size]))
-        return strategy.experimental_local_results(strategy.run(send))[0][0]
-    return lambda: float(reduce())
+            ctx = tf.distribute.get_replica_context()
+            mine = tf.fill([size], tf.cast(ctx.replica_id_in_sync_group + 1, tf.float32))
+            return tf.reduce_all(tf.equal(ctx.all_reduce("SUM", mine), expected))
+        return tf.reduce_all(tf.stack(strategy.experimental_local_results(strategy.run(send))))
+    return lambda: bool(reduce())
 
 
-def allreduce_seconds(strategy, nbytes: int, calls: int = 20) -> float:
-    """Median seconds of that all-reduce over a fixed number of calls (every
-    worker must make the same ones)."""
-    return fixed_calls(allreduce_fn(strategy, nbytes), calls)
+def time_allreduce(strategy, nbytes: int, calls: int = 20) -> tuple[float, bool]:
+    """(median seconds of that all-reduce over a fixed number of calls, every
+    worker making the same ones; whether every sum came out exact)."""
+    call, exact = allreduce_fn(strategy, nbytes), []
+    seconds = fixed_calls(lambda: exact.append(call()), calls)
+    return seconds, all(exact)
 
 
 def model_cfg(shape, layers: int, hidden: int, heads: int, intermediate: int,
@@ -153,17 +164,15 @@ def step_overhead(shape, mixed_precision: str, strategy, replicas: int, jit: boo
     planned model's step on windows of OVERHEAD_WINDOW tokens, less its
     all-reduce; over OVERHEAD_MAX_PARAMS, a line through two narrower
     models of the same depth, in the parameter count."""
-    from tfdp import plan
-
     def at(s) -> float:
         cfg = model_cfg(s, s.num_layers, s.hidden_dim, s.num_heads, s.intermediate_dim,
                         replicas, mixed_precision)
         step = whole_step(cfg, s.vocab_size, strategy, replicas, jit)
-        reduce = (allreduce_seconds(strategy, int(plan.gradient_bytes(s)))
+        reduce = (time_allreduce(strategy, int(gradient_bytes(s)))[0]
                   if replicas > 1 else 0.0)
         return max(step - reduce, 0.0)
 
-    n = plan.count_params(shape)
+    n = count_params(shape)
     if n <= OVERHEAD_MAX_PARAMS:
         return at(shape)
     heads = shape.num_heads
@@ -173,10 +182,10 @@ def step_overhead(shape, mixed_precision: str, strategy, replicas: int, jit: boo
         return dataclasses.replace(shape, hidden_dim=heads * per_head,
                                    intermediate_dim=max(int(heads * per_head * ratio), 1))
     per_head = shape.hidden_dim // heads
-    while per_head > 2 and plan.count_params(narrowed(per_head)) > OVERHEAD_MAX_PARAMS:
+    while per_head > 2 and count_params(narrowed(per_head)) > OVERHEAD_MAX_PARAMS:
         per_head = max(per_head * 3 // 4, 2)
     small, wide = narrowed(1), narrowed(per_head)
     t_small, t_wide = at(small), at(wide)
-    n_small, n_wide = plan.count_params(small), plan.count_params(wide)
+    n_small, n_wide = count_params(small), count_params(wide)
     slope = max(t_wide - t_small, 0.0) / max(n_wide - n_small, 1)
     return t_wide + slope * (n - n_wide)

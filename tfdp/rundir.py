@@ -124,13 +124,6 @@ def discard(model_dir: str, say, keep: str = "") -> None:
     say(f"--overwrite: discarded the earlier run in {model_dir}")
 
 
-def write_text(path: str, text: str) -> None:
-    """Write via a temporary name and rename: never a half-written file."""
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
-
-
 def read_json(path: str) -> dict:
     """A JSON object from `path`, or {} when it is missing or unreadable."""
     try:

@@ -25,7 +25,6 @@ import dataclasses
 import json
 import math
 import os
-import resource
 import shutil
 import time
 
@@ -33,12 +32,14 @@ import keras
 import tensorflow as tf
 
 from tfdp import checkpoints, watchdog
+from tfdp.atomic import write_text
 from tfdp.callbacks import ProgressLogger, TensorBoardSummaries
 from tfdp.cluster import num_tasks
 from tfdp.errors import Preempted, UserError
 from tfdp.loss_scale import DynamicLossScale
+from tfdp.memory import peak_device_memory_gib, peak_host_memory_gib
 from tfdp.preemption import PreemptionGuard
-from tfdp.rundir import read_json, write_text
+from tfdp.rundir import read_json
 from tfdp.step import default_jit_compile, make_any, make_eval_step, make_train_step
 
 
@@ -69,36 +70,6 @@ class Schedule:
         names = {f.name for f in dataclasses.fields(cls)}
         values = {n: getattr(cfg, n) for n in names if hasattr(cfg, n)}
         return cls(**{**values, **overrides})
-
-
-def check_batch(global_batch_size: int, replicas: int, grad_accum_steps: int = 1,
-                flag: str = "--global_batch_size") -> None:
-    """The global batch must split evenly over the replicas (and each
-    replica's share into the gradient-accumulation micro-batches)."""
-    if global_batch_size % replicas:
-        raise UserError(f"{flag}={global_batch_size} is not divisible by the "
-                        f"{replicas} replicas; use a multiple of {replicas}")
-    if global_batch_size % (replicas * grad_accum_steps):
-        unit = replicas * grad_accum_steps
-        raise UserError(f"{flag}={global_batch_size} does not split into "
-                        f"--grad_accum_steps={grad_accum_steps} micro-batches on each of the "
-                        f"{replicas} replicas; use a multiple of {unit}")
-
-
-def peak_host_memory_gib() -> float:
-    """This process's peak resident memory so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-def peak_device_memory_gib(strategy) -> dict:
-    """{"peak_device_memory_gib": the largest peak allocation on this
-    process's GPUs so far} when it trains on GPUs, else {}."""
-    gpus = [d.split("device:")[-1] for d in strategy.extended.worker_devices
-            if "GPU" in d.upper()]
-    if not gpus:
-        return {}
-    peak = max(tf.config.experimental.get_memory_info(gpu)["peak"] for gpu in gpus)
-    return {"peak_device_memory_gib": peak / 2**30}
 
 
 def evaluate_task(strategy, eval_step, task, global_batch_size: int,

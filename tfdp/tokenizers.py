@@ -25,10 +25,9 @@ import keras_hub
 import numpy as np
 import tensorflow as tf
 
+from tfdp.config import DEFAULT_VOCAB_SIZE
 from tfdp.errors import UserError
 
-DEFAULT_VOCAB_SIZE = {"byte": 257, "char": 256, "wordpiece": 8192, "sentencepiece": 8192,
-                      "bpe": 8192}
 _META = "tokenizer.json"
 
 

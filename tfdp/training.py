@@ -18,6 +18,7 @@ through a temporary name and renamed.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -29,8 +30,8 @@ from tfdp import recipes
 from tfdp.recipes.tfds_text import TfdsText, is_tfds
 from tfdp import cluster, presets, watchdog
 from tfdp import rundir
-from tfdp.atomic import staged_directory
-from tfdp.config import Config
+from tfdp.atomic import staged_directory, write_text
+from tfdp.config import DEFAULT_VOCAB_SIZE, Config, check_batch
 from tfdp.dataset import Split, shard_files
 from tfdp.errors import UserError
 from tfdp.flops import flops_per_token, machine_peak_flops
@@ -38,11 +39,12 @@ from tfdp.model import count_params, non_embedding_params
 from tfdp.optimizer import build_optimizer
 from tfdp.prepare import is_prepared, load_manifest, prepare, prepare_stream
 from tfdp.report import write_report
-from tfdp.runner import (Runner, Schedule, check_batch, peak_device_memory_gib,
-                         peak_host_memory_gib)
-from tfdp.rundir import read_json, write_text
+from tfdp.memory import peak_device_memory_gib, peak_host_memory_gib
+from tfdp.runner import Runner, Schedule
+from tfdp.rundir import read_json
 from tfdp.strategy import build_strategy, describe, is_chief
 from tfdp.stream import TextStream
+from tfdp.step import default_jit_compile
 from tfdp.tasks.language_model import LanguageModelTask
 from tfdp.tokenizers import load_tokenizer
 
@@ -95,6 +97,32 @@ def load_splits(cfg: Config, data_dir: str, strategy):
     return split("train"), split("val")
 
 
+def resolve(cfg: Config, strategy, say) -> Config:
+    """The config with every default the run decides filled in, printed once:
+    the vocabulary (the tokenizer's default size, or a prepared --data
+    directory's own tokenizer and size) and XLA (tfdp.step.default_jit_compile
+    for these devices). config.json records this, so it says what ran."""
+    changes = {}
+    manifest = _manifest(cfg.data)
+    if manifest:  # a prepared directory brings its own tokenizer
+        changes.update(tokenizer=manifest["tokenizer"], vocab_size=manifest["vocab_size"])
+    elif cfg.vocab_size is None:
+        changes["vocab_size"] = DEFAULT_VOCAB_SIZE[cfg.tokenizer]
+    if cfg.jit_compile is None:
+        changes["jit_compile"] = default_jit_compile(cfg.mixed_precision, strategy)
+        if not changes["jit_compile"]:
+            say(f"XLA: off, the default for --mixed_precision={cfg.mixed_precision} on CPUs "
+                "(see --jit_compile)")
+    cfg = dataclasses.replace(cfg, **changes)
+    say("config: " + " ".join(f"{k}={v}" for k, v in sorted(dataclasses.asdict(cfg).items())))
+    return cfg
+
+
+def _manifest(data: str) -> dict | None:
+    path = os.path.expanduser(data)
+    return load_manifest(path) if not is_tfds(data) and is_prepared(path) else None
+
+
 @rundir.job  # releases the model_dir it holds when it returns or raises
 def train(cfg: Config, callbacks=(), log=print, live=None) -> dict:
     """Run (or resume) training as configured; return the final metrics.
@@ -110,8 +138,9 @@ def train(cfg: Config, callbacks=(), log=print, live=None) -> dict:
                               slurm_port_base=cfg.slurm_port_base, collective=cfg.collective,
                               allow_cpu=cfg.allow_cpu, all_reduce_dtype=cfg.all_reduce_dtype)
     check_batch(cfg.global_batch_size, strategy.num_replicas_in_sync, cfg.grad_accum_steps)
-    model_dir = os.path.abspath(os.path.expanduser(cfg.model_dir))
     chief = is_chief(strategy)
+    cfg = resolve(cfg, strategy, log if chief else (lambda *_: None))
+    model_dir = os.path.abspath(os.path.expanduser(cfg.model_dir))
     if chief:  # other workers would race with the chief's own writes
         rundir.check_usable(model_dir)
         rundir.hold(model_dir)  # one job at a time: a second one is refused
@@ -190,9 +219,6 @@ def _train_in(cfg: Config, strategy, model_dir: str, write_dir: str, callbacks, 
         f"of {cfg.seq_len + 1} {manifest['tokenizer']} tokens; "
         f"measured {compute_dtype.name} matmul peak "
         f"{peak / 1e9:.1f} GFLOP/s")
-    if cfg.jit_compile is None and not runner.jit_compile:
-        say(f"XLA: off, the default for --mixed_precision={cfg.mixed_precision} on CPUs "
-            "(see --jit_compile)")
     previous = read_json(os.path.join(model_dir, "metrics.json"))
     logs = runner.fit()
     say = runner.log  # above the progress bar, if there is one

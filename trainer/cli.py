@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.util
 import os
 import sys
 
@@ -12,34 +14,58 @@ from tfdp.errors import UserError
 EXIT_USER_ERROR = 2
 
 
-def _quiet_tensorflow() -> None:
-    """Import TensorFlow without its C++ chatter (CUDA probes, oneDNN and XLA
-    notes), which would bury tfdp's own output.
+class _QuietTensorFlow(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Imports TensorFlow, when a command first needs it, without its C++
+    chatter (CUDA probes, oneDNN and XLA notes), which would bury tfdp's own
+    output; a command that never needs it (a bad flag, tfdp-plan, tfdp-launch)
+    never pays the seconds its import takes.
 
     TF 2.21 writes its start-up lines to stderr before its logger reads
-    TF_CPP_MIN_LOG_LEVEL, so stderr points at /dev/null for the import alone;
-    the variable (3: errors surface as Python exceptions) quiets the rest. A
-    user who sets TF_CPP_MIN_LOG_LEVEL gets TensorFlow's own behaviour.
+    TF_CPP_MIN_LOG_LEVEL, so stderr points at /dev/null while the
+    `tensorflow` package itself loads; the variable (3: errors surface as
+    Python exceptions) quiets the rest. A user who sets TF_CPP_MIN_LOG_LEVEL
+    gets TensorFlow's own behaviour (this finder is not installed).
     """
-    if "TF_CPP_MIN_LOG_LEVEL" in os.environ:
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "tensorflow":
+            return None
+        sys.meta_path.remove(self)  # once: the real finders locate the package
+        spec = importlib.util.find_spec(name)
+        if spec is not None:
+            self.inner, spec.loader = spec.loader, self
+        return spec
+
+    def create_module(self, spec):
+        return self.inner.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        module.__loader__ = module.__spec__.loader = self.inner
+        sys.stderr.flush()
+        saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        try:
+            self.inner.exec_module(module)
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            os.close(devnull)
+
+
+def _quiet_tensorflow() -> None:
+    """Install _QuietTensorFlow, unless the user set TF_CPP_MIN_LOG_LEVEL."""
+    if "TF_CPP_MIN_LOG_LEVEL" in os.environ or "tensorflow" in sys.modules:
         return
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
-    sys.stderr.flush()
-    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    try:
-        import tensorflow  # noqa: F401  (an import error still raises below)
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
+    sys.meta_path.insert(0, _QuietTensorFlow())
 
 
 def run(main, takes_args: bool = False) -> None:
     """Parse flags and call `main()`; print UserError as `prog: error: ...`.
 
     With `takes_args`, `main(argv)` gets the words after the flags (after
-    `--`) and returns the exit code, and TensorFlow is not imported here.
+    `--`) and returns the exit code. TensorFlow loads (quietly) only when
+    `main` first imports it.
     """
     prog = os.path.basename(sys.argv[0])
     # `--help` lists the flags of the main module, which for a console script

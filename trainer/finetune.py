@@ -48,11 +48,13 @@ def main() -> None:
     import dataclasses
     import sys
 
-    from tfdp.callbacks import from_factories
-    from tfdp.finetuning import FinetuneConfig, finetune
+    from tfdp.config import FinetuneConfig
 
     fc = FinetuneConfig(**{f.name: FLAGS[f.name].value
-                           for f in dataclasses.fields(FinetuneConfig)})
+                           for f in dataclasses.fields(FinetuneConfig)}).validate()
+    from tfdp.callbacks import from_factories  # TensorFlow loads from here on
+    from tfdp.finetuning import finetune
+
     # A terminal gets a progress bar redrawn in place; logs and pipes get lines.
     finetune(fc, callbacks=from_factories(FLAGS.callbacks),
              live=sys.stdout if sys.stdout.isatty() else None)

@@ -1,6 +1,6 @@
 """tfdp-plan: parameters, memory, step time and efficiency of a data-parallel
 run before it starts, from device presets or from this machine's measured
-constants (--calibrate). The cost model and its formulas: tfdp/plan.py.
+constants (--calibrate). The cost model and its formulas: tfdp/costmodel.py.
 
     tfdp-plan --device=h100 --devices_per_worker=8 --num_workers=4 --num_layers=24 \\
       --hidden_dim=1024 --num_heads=16 --intermediate_dim=4096 --seq_len=1024 \\
@@ -59,6 +59,8 @@ flags.DEFINE_bool("json", False, "Print one JSON object instead of the table.")
 
 def main() -> None:
     from tfdp import plan
+    from tfdp.costmodel import Job, Shape
+    from tfdp.machines import CPU, hardware
     from tfdp.errors import UserError
 
     device = FLAGS.device
@@ -66,22 +68,22 @@ def main() -> None:
     if replicas < 0:
         raise UserError(f"--devices_per_worker={replicas} must not be negative (0: the default)")
     if replicas == 0:
-        replicas = _D.num_cpu_replicas if device == plan.CPU and FLAGS.num_workers == 1 else 1
-    job = plan.Job(plan.Shape(FLAGS.num_layers, FLAGS.num_heads, FLAGS.hidden_dim,
-                              FLAGS.intermediate_dim, FLAGS.vocab_size, FLAGS.seq_len),
-                   FLAGS.global_batch_size, FLAGS.mixed_precision, FLAGS.grad_accum_steps,
-                   FLAGS.num_workers, replicas)
+        replicas = _D.num_cpu_replicas if device == CPU and FLAGS.num_workers == 1 else 1
+    job = Job(Shape(FLAGS.num_layers, FLAGS.num_heads, FLAGS.hidden_dim,
+                    FLAGS.intermediate_dim, FLAGS.vocab_size, FLAGS.seq_len),
+              FLAGS.global_batch_size, FLAGS.mixed_precision, FLAGS.grad_accum_steps,
+              FLAGS.num_workers, replicas)
     plan.validate(job)
     if FLAGS.cpu_threads_per_worker < 0:
         raise UserError(f"--cpu_threads_per_worker={FLAGS.cpu_threads_per_worker} must not "
                         "be negative (0: all cores)")
-    calibrate = FLAGS.calibrate or (device == plan.CPU and FLAGS.device_tflops is None)
+    calibrate = FLAGS.calibrate or (device == CPU and FLAGS.device_tflops is None)
     # The preset (cpu: a placeholder peak that calibration replaces).
-    hw = plan.hardware(device, job.mixed_precision,
-                       tflops=FLAGS.device_tflops or (1.0 if calibrate else None),
-                       memory_gib=FLAGS.device_memory_gib,
-                       intra_node_gbps=FLAGS.intra_node_gbps,
-                       interconnect_gbps=FLAGS.interconnect_gbps)
+    hw = hardware(device, job.mixed_precision,
+                  tflops=FLAGS.device_tflops or (1.0 if calibrate else None),
+                  memory_gib=FLAGS.device_memory_gib,
+                  intra_node_gbps=FLAGS.intra_node_gbps,
+                  interconnect_gbps=FLAGS.interconnect_gbps)
     if calibrate:
         from tfdp.calibrate import calibrate as measure
 

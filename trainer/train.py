@@ -13,10 +13,11 @@ define_train_flags()
 
 
 def main() -> None:
+    cfg = config_from_flags().validate()  # a bad value fails before TensorFlow loads
     from tfdp.callbacks import from_factories
     from tfdp.training import train  # imported after flag parsing: TensorFlow is slow to load
     # A terminal gets a progress bar redrawn in place; logs and pipes get lines.
-    train(config_from_flags(), callbacks=from_factories(FLAGS.callbacks),
+    train(cfg, callbacks=from_factories(FLAGS.callbacks),
           live=sys.stdout if sys.stdout.isatty() else None)
 
 

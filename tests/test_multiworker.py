@@ -118,7 +118,10 @@ def test_two_workers_match_mirrored_and_one_device(tmp_path, data_dir, mirrored,
         np.testing.assert_array_equal(a, b)
     mirrored_weights, mirrored_logs = train_weights(mirrored, data_dir, str(tmp_path / "m"))
     single_weights, single_logs = train_weights(one_device, data_dir, str(tmp_path / "s"))
-    initial = train_weights.__globals__["build_model"](CFG, 257).get_weights()
+    from tfdp.model import build_model
+    import keras
+    keras.utils.set_random_seed(CFG.seed)  # as the Runner does before building
+    initial = build_model(CFG, 257).get_weights()
     moved = max(float(np.max(np.abs(a - b))) for a, b in zip(w0, initial))
     assert moved > 1e-2  # 20 steps at lr 1e-2 really trained
     for name, other in (("mirrored", mirrored_weights), ("one_device", single_weights)):

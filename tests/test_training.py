@@ -259,7 +259,11 @@ def test_resume_refuses_data_with_another_tokenizer(tmp_path, text_file):
 
     import shutil
     shutil.rmtree(prepared)
-    prepare([text_file], str(prepared), "char", 20, 0.1, log=_quiet)
+    # The same vocabulary size, other characters: only the tokenizer's files tell.
+    other = tmp_path / "other.txt"
+    other.write_text("".join(chr(0x3b1 + i % 20) * 3 + " " for i in range(4000)),
+                     encoding="utf-8")
+    prepare([other], str(prepared), "char", 16, 0.1, log=_quiet)
     with pytest.raises(UserError, match="was trained with another tokenizer than the one in "
                                         "--data=.*or pass --overwrite to discard that run"):
         train(Config(train_steps=8, **common), log=_quiet)
@@ -273,9 +277,9 @@ def test_resume_refuses_data_with_another_tokenizer(tmp_path, text_file):
     metrics = train(Config(train_steps=4, overwrite=True, **common), log=lines.append)
     assert any("--overwrite: discarded the earlier run" in line for line in lines)
     assert not any("resumed from" in line for line in lines)
-    assert metrics["vocab_size"] == 20 and metrics["history"][0]["step"] == 4
-    assert json.loads((tmp_path / "run" / "tokenizer" / "tokenizer.json").read_text())[
-        "vocab_size"] == 20
+    assert metrics["vocab_size"] == 16 and metrics["history"][0]["step"] == 4
+    from tfdp.rundir import same_files
+    assert same_files(str(prepared / "tokenizer"), str(tmp_path / "run" / "tokenizer"))
     assert (tmp_path / "run" / "notes.txt").read_text() == "mine"
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".tfdp-")]
     # A compatible run is resumed even with --overwrite (a scheduler's restart

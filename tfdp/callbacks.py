@@ -229,12 +229,16 @@ def from_factories(specs: list[str]) -> list[keras.callbacks.Callback]:
             raise UserError(f"--callbacks={spec!r} is not package.module:factory; name the "
                             "module and the function that returns the callbacks")
         try:
-            factory = getattr(importlib.import_module(module_name), attr)
+            module = importlib.import_module(module_name)
         except ImportError as err:
             raise UserError(f"--callbacks={spec}: cannot import {module_name} ({err}); put "
                             "its directory on PYTHONPATH or install it") from None
-        except AttributeError:
-            raise UserError(f"--callbacks={spec}: {module_name} has no {attr!r}") from None
+        except Exception as err:  # noqa: BLE001  (a SyntaxError, ... in the user's module)
+            raise UserError(f"--callbacks={spec}: importing {module_name} raised "
+                            f"{type(err).__name__}: {err}") from None
+        factory = getattr(module, attr, None)
+        if factory is None:
+            raise UserError(f"--callbacks={spec}: {module_name} has no {attr!r}")
         try:
             out = factory()
         except Exception as err:  # noqa: BLE001  (the user's code: say whose it is)

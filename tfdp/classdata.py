@@ -25,6 +25,7 @@ import dataclasses
 import logging
 import os
 import re
+import sys
 
 import numpy as np
 
@@ -64,6 +65,9 @@ def _read_csv(path: str, text_column: str, label_column: str) -> Examples:
                         f"header row naming the {text_column!r} and {label_column!r} columns, "
                         "or tfds:NAME[/CONFIG][:SPLIT]")
     texts, labels, rows = [], [], []
+    # Long texts are read whole (pack cuts them to --seq_len), past the csv
+    # module's default 128 KiB field limit.
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
     # utf-8-sig: a byte-order mark (as spreadsheets write) is not part of the first name.
     with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
         reader = csv.DictReader(f)
@@ -129,11 +133,15 @@ def _read_tfds(spec: str, text_column: str, label_column: str, default_split: st
 def resolve_labels(train: Examples, evaluation: Examples) -> tuple[list[str], np.ndarray,
                                                                    np.ndarray]:
     """(class names in id order, train ids, eval ids); see the module docstring."""
-    if (train.classes is None) != (evaluation.classes is None):
-        # One side is a TFDS ClassLabel, the other is not: compare by name.
-        train, evaluation = (dataclasses.replace(e, labels=[e.classes[i] for i in e.labels],
-                                                 classes=None) if e.classes else e
-                             for e in (train, evaluation))
+    for examples in (train, evaluation):
+        if examples.classes is not None:  # TFDS ClassLabel ids: in range, or unlabelled
+            _check_ids(examples)
+    # One side a TFDS ClassLabel, the other names: the ClassLabel's names,
+    # in its own order, and the names side must use them.
+    if train.classes is None and evaluation.classes is not None:
+        train = _as_ids(train, evaluation.classes, "the eval data's classes do not include")
+    elif evaluation.classes is None and train.classes is not None:
+        evaluation = _as_ids(evaluation, train.classes, "the training data never uses")
     if train.classes is None:
         for examples in (train, evaluation):
             for label, row in zip(examples.labels, examples.rows):
@@ -161,7 +169,11 @@ def resolve_labels(train: Examples, evaluation: Examples) -> tuple[list[str], np
                             f"{numbers[0][1]}, {names[0][0]!r} at {names[0][1]}); use "
                             "integers 0..K-1 throughout, or names throughout")
         if numbers:
-            top = max(int(label) for label, _ in numbers)
+            top = max(int(label) for label in train.labels)
+            for label, row in zip(evaluation.labels, evaluation.rows):
+                if int(label) > top:
+                    raise UserError(f"{row} has label {label}, which the training data never "
+                                    f"uses (its labels are 0..{top})")
             classes = [str(i) for i in range(top + 1)]
             ids = [np.asarray([int(x) for x in e.labels], np.int32) for e in (train, evaluation)]
         else:
@@ -173,6 +185,29 @@ def resolve_labels(train: Examples, evaluation: Examples) -> tuple[list[str], np
                                     f"never uses (its classes: {', '.join(classes)})")
             ids = [np.asarray([index[x] for x in e.labels], np.int32) for e in (train, evaluation)]
     return classes, ids[0], ids[1]
+
+
+def _as_ids(named: Examples, classes: list[str], why: str) -> Examples:
+    """`named`'s label names as ids of `classes`; a name not among them is
+    refused, saying `why`."""
+    index = {name: i for i, name in enumerate(classes)}
+    for label, row in zip(named.labels, named.rows):
+        if label not in index:
+            raise UserError(f"{row} has label {label!r}, which {why} (its classes: "
+                            f"{', '.join(classes)})")
+    return dataclasses.replace(named, labels=[index[x] for x in named.labels], classes=classes)
+
+
+def _check_ids(examples: Examples) -> None:
+    """Refuse ClassLabel ids outside the classes: TFDS marks an unlabelled
+    example -1 (glue's test splits are all -1), which must not reach the loss."""
+    k = len(examples.classes)
+    for label, row in zip(examples.labels, examples.rows):
+        if not 0 <= label < k:
+            hint = (f"{examples.what} is unlabelled (TFDS writes -1 for a missing label); "
+                    "use a split that has labels, e.g. :validation" if label == -1 else
+                    f"its classes are 0..{k - 1} ({', '.join(examples.classes)})")
+            raise UserError(f"{row} has label {label}; {hint}")
 
 
 def pack(ids: list[np.ndarray], seq_len: int, eot_id: int) -> tuple[np.ndarray, np.ndarray]:

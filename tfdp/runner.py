@@ -334,8 +334,10 @@ class Runner:
                                json.dumps({"step": step, "history": self.history}, indent=2))
                 self.callbacks.on_epoch_end((step - 1) // s.eval_every, epoch_logs)
             preempted = bool(out["stop"])  # some worker got SIGTERM: all stop here
-            # e.g. EarlyStopping, which runs on the chief: every worker follows it.
-            stop = self.any_worker(bool(getattr(self.model, "stop_training", False)))
+            # e.g. EarlyStopping, which runs on the chief: every worker follows it
+            # (a collective, so watched like the steps).
+            with watchdog.watching():
+                stop = self.any_worker(bool(getattr(self.model, "stop_training", False)))
             if stop or preempted or step % s.checkpoint_every == 0 or step == s.train_steps:
                 checkpoints.save(self.checkpoints, step)
             if preempted:

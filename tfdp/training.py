@@ -97,12 +97,13 @@ def load_splits(cfg: Config, data_dir: str, strategy):
     return split("train"), split("val")
 
 
-def resolve(cfg: Config, strategy, say) -> Config:
-    """The config with every default the run decides filled in, printed once:
-    the vocabulary (the tokenizer's default size, or a prepared --data
-    directory's own tokenizer and size) and XLA (tfdp.step.default_jit_compile
-    for these devices). config.json records this, so it says what ran."""
-    changes = {}
+def resolve(cfg: Config, strategy) -> tuple[Config, list[str]]:
+    """The config with every default the run decides filled in, and notes on
+    what was decided: the vocabulary (the tokenizer's default size, or a
+    prepared --data directory's own tokenizer and size) and XLA
+    (tfdp.step.default_jit_compile for these devices). config.json records
+    the result and the run prints it once, so both say what ran."""
+    changes, notes = {}, []
     manifest = _manifest(cfg.data)
     if manifest:  # a prepared directory brings its own tokenizer
         changes.update(tokenizer=manifest["tokenizer"], vocab_size=manifest["vocab_size"])
@@ -111,11 +112,9 @@ def resolve(cfg: Config, strategy, say) -> Config:
     if cfg.jit_compile is None:
         changes["jit_compile"] = default_jit_compile(cfg.mixed_precision, strategy)
         if not changes["jit_compile"]:
-            say(f"XLA: off, the default for --mixed_precision={cfg.mixed_precision} on CPUs "
-                "(see --jit_compile)")
-    cfg = dataclasses.replace(cfg, **changes)
-    say("config: " + " ".join(f"{k}={v}" for k, v in sorted(dataclasses.asdict(cfg).items())))
-    return cfg
+            notes.append(f"XLA: off, the default for --mixed_precision={cfg.mixed_precision} "
+                         "on CPUs (see --jit_compile)")
+    return dataclasses.replace(cfg, **changes), notes
 
 
 def _manifest(data: str) -> dict | None:
@@ -139,7 +138,7 @@ def train(cfg: Config, callbacks=(), log=print, live=None) -> dict:
                               allow_cpu=cfg.allow_cpu, all_reduce_dtype=cfg.all_reduce_dtype)
     check_batch(cfg.global_batch_size, strategy.num_replicas_in_sync, cfg.grad_accum_steps)
     chief = is_chief(strategy)
-    cfg = resolve(cfg, strategy, log if chief else (lambda *_: None))
+    cfg, notes = resolve(cfg, strategy)
     model_dir = os.path.abspath(os.path.expanduser(cfg.model_dir))
     if chief:  # other workers would race with the chief's own writes
         rundir.check_usable(model_dir)
@@ -155,7 +154,7 @@ def train(cfg: Config, callbacks=(), log=print, live=None) -> dict:
     try:
         if chief:
             return _train_in(cfg, strategy, model_dir, model_dir, callbacks, log, live,
-                             resume=not reason)
+                             resume=not reason, notes=notes)
         # Other workers of a multi-worker job run the same program but write
         # only to a private directory of their own, removed at the end.
         scratch = tempfile.mkdtemp(prefix="tfdp-worker-")
@@ -172,13 +171,16 @@ def train(cfg: Config, callbacks=(), log=print, live=None) -> dict:
 
 
 def _train_in(cfg: Config, strategy, model_dir: str, write_dir: str, callbacks, say, live,
-              resume: bool) -> dict:
+              resume: bool, notes=()) -> dict:
     """Train, writing checkpoints, logs and outputs into `write_dir`; continue
     from model_dir's newest checkpoint when `resume`."""
     chief = write_dir == model_dir
     replicas = strategy.num_replicas_in_sync
     say(f"model_dir: {model_dir}")
     say(f"strategy: {describe(strategy)}")
+    say("config: " + " ".join(f"{k}={v}" for k, v in sorted(dataclasses.asdict(cfg).items())))
+    for note in notes:
+        say(note)
     data_dir = _load_data(cfg, write_dir, say)
     train_split, val_split = load_splits(cfg, data_dir, strategy)
     manifest = load_manifest(data_dir)

@@ -41,6 +41,7 @@ from tfdp.report import write_report
 from tfdp.restore import load_run
 from tfdp.rundir import read_json
 from tfdp.runner import Runner, Schedule
+from tfdp.step import default_jit_compile
 from tfdp.strategy import build_strategy, describe, is_chief
 from tfdp.tasks.classification import Classifier, ClassificationTask, build_classifier
 from tfdp.tasks.classification import predict as predict_packed
@@ -113,6 +114,8 @@ def _finetune_in(fc: FinetuneConfig, strategy, output_dir: str, work: str, write
     # The values this job actually uses, recorded once and checked on resume.
     config = {**dataclasses.asdict(fc), "model_dir": model_dir, "output_dir": output_dir,
               "seq_len": seq_len, "steps": steps, "num_classes": len(classes),
+              "jit_compile": (default_jit_compile("off", strategy) if fc.jit_compile is None
+                              else fc.jit_compile),  # float32 compute (the task's model)
               "pretrained_config": json.loads(cfg.to_json())}
     # One job at a time per output_dir: a second is refused, naming the first.
     held = rundir.hold(work, flag="--output_dir") if chief else None
@@ -122,6 +125,8 @@ def _finetune_in(fc: FinetuneConfig, strategy, output_dir: str, work: str, write
         f"examples of up to {seq_len} tokens ({sum(len(x) >= seq_len for x in train_ids):,} "
         f"train texts truncated); {steps} steps of {batch} ({steps * batch / n:.2f} epochs); "
         f"working in {work}")
+    say("config: " + " ".join(f"{k}={v}" for k, v in sorted(config.items())
+                              if k != "pretrained_config"))
     task = ClassificationTask(
         cfg, tokenizer.vocab_size, len(classes), fc.pooling, seq_len, fc.seed, model_dir,
         train=(*classdata.pack(train_ids, seq_len, tokenizer.eot_id), train_labels),
@@ -130,7 +135,7 @@ def _finetune_in(fc: FinetuneConfig, strategy, output_dir: str, work: str, write
                        warmup_steps=int(fc.warmup_fraction * steps), train_steps=steps,
                        weight_decay=fc.weight_decay, beta2=0.999)
     schedule = Schedule.of(fc, train_steps=steps, eval_every=fc.eval_every or steps,
-                           mixed_precision="off")
+                           mixed_precision="off", jit_compile=config["jit_compile"])
     runner = Runner(strategy, task, schedule, lambda v: build_optimizer(optimizer, v), work,
                     write_dir, callbacks, say, live, resume=resume,
                     config_json=json.dumps(config, indent=2))

@@ -24,8 +24,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
-import tempfile
 
 import numpy as np
 import tensorflow as tf
@@ -74,20 +72,8 @@ def finetune(fc: FinetuneConfig, callbacks=(), log=print, live=None) -> dict:
     check_batch(fc.global_batch_size, strategy.num_replicas_in_sync)
     chief = is_chief(strategy)
     work = partial_dir(output_dir)
-    try:
-        if chief:
-            return _finetune_in(fc, strategy, output_dir, work, work, callbacks, log, live)
-        scratch = tempfile.mkdtemp(prefix="tfdp-worker-")
-        try:
-            return _finetune_in(fc, strategy, output_dir, work, scratch, callbacks,
-                                lambda *_: None, None)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-    except tf.errors.OpError as err:
-        lost = watchdog.peer_failure(err)  # a dead or stuck peer: one line, not a traceback
-        if lost is None:
-            raise
-        raise lost from None
+    return watchdog.run_job(chief, work, lambda write_dir, say, live: _finetune_in(
+        fc, strategy, output_dir, work, write_dir, callbacks, say, live), log, live)
 
 
 def _finetune_in(fc: FinetuneConfig, strategy, output_dir: str, work: str, write_dir: str,

@@ -22,7 +22,6 @@ import dataclasses
 import json
 import os
 import shutil
-import tempfile
 
 import tensorflow as tf
 
@@ -151,23 +150,9 @@ def train(cfg: Config, callbacks=(), log=print, live=None) -> dict:
                         "same flags, or pass --overwrite to discard that run")
     if reason and chief:
         rundir.discard(model_dir, log, keep=os.path.expanduser(cfg.data))
-    try:
-        if chief:
-            return _train_in(cfg, strategy, model_dir, model_dir, callbacks, log, live,
-                             resume=not reason, notes=notes)
-        # Other workers of a multi-worker job run the same program but write
-        # only to a private directory of their own, removed at the end.
-        scratch = tempfile.mkdtemp(prefix="tfdp-worker-")
-        try:
-            return _train_in(cfg, strategy, model_dir, scratch, callbacks, lambda *_: None,
-                             None, resume=not reason)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-    except tf.errors.OpError as err:
-        lost = watchdog.peer_failure(err)  # a dead or stuck peer: one line, not a traceback
-        if lost is None:
-            raise
-        raise lost from None
+    return watchdog.run_job(chief, model_dir, lambda write_dir, say, live: _train_in(
+        cfg, strategy, model_dir, write_dir, callbacks, say, live, resume=not reason,
+        notes=notes), log, live)
 
 
 def _train_in(cfg: Config, strategy, model_dir: str, write_dir: str, callbacks, say, live,

@@ -24,8 +24,10 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -166,3 +168,24 @@ def peer_failure(err: Exception) -> ClusterError | None:
     return ClusterError(f"{what}; the job stops (collective timeout {timeout:g}s). Check that "
                         "worker's log, then relaunch the same command: training resumes from "
                         "the last checkpoint")
+
+
+def run_job(chief: bool, chief_dir: str, job, log, live):
+    """`job(write_dir, say, live)` as this worker runs it: the chief writes in
+    `chief_dir` and speaks through `log`; the other workers of a multi-worker
+    job run the same program silently, writing only to a private scratch
+    directory removed at the end. A collective that failed because of a peer
+    becomes its one-line ClusterError (peer_failure), not a traceback."""
+    try:
+        if chief:
+            return job(chief_dir, log, live)
+        scratch = tempfile.mkdtemp(prefix="tfdp-worker-")
+        try:
+            return job(scratch, lambda *_: None, None)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    except tf.errors.OpError as err:
+        lost = peer_failure(err)
+        if lost is None:
+            raise
+        raise lost from None

@@ -19,11 +19,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # live under XDG_CACHE_HOME: the tests share one of their own, never the user's.
 _CACHE = tempfile.mkdtemp(prefix="tfdp-test-cache-")
 os.environ["XDG_CACHE_HOME"] = _CACHE
-# Child processes (tfdp-launch starting `tfdp-train`, ...) find the console
-# scripts of this interpreter's environment even when it is not activated
-# (`.venv/bin/pytest` run directly).
-os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable),
-                                      os.environ.get("PATH", "")])
 
 import pytest  # noqa: E402
 

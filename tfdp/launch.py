@@ -123,6 +123,9 @@ class Launcher:
 
     def _env(self, tf_config: str) -> dict:
         env = {**os.environ, "TF_CONFIG": tf_config, "PYTHONUNBUFFERED": "1"}
+        # The command's tfdp-train is found beside this tfdp-launch, so
+        # `.venv/bin/tfdp-launch -- tfdp-train` works without activating .venv.
+        env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
         if self.threads:
             # TensorFlow sizes its thread pools from these (process_util.cc).
             for name in ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "OMP_NUM_THREADS"):

@@ -29,7 +29,7 @@ def _train(root, name, **overrides) -> tuple:
     if not text.exists():
         text.write_text(tiny_text(400), encoding="utf-8")
     lines = []
-    cfg = {**TINY, "sample_tokens": 16, **overrides}
+    cfg = {**TINY, "sample_tokens": 16, "report": True, **overrides}
     metrics = train(Config(data=str(text), model_dir=str(root / name), val_fraction=0.2, **cfg),
                     log=lines.append)
     return root / name, metrics, lines

@@ -18,10 +18,12 @@ from tfdp.training import train
 
 # XLA compiles take half of a tiny run's time; runs whose subject is not the
 # compiled step leave it off (it is on in test_step, the default-corpus run,
-# the resume-equivalence run and the CLI tests).
+# the resume-equivalence run and the CLI tests). The report and the
+# TensorBoard graph (seconds each) are left to the tests about them
+# (test_report, the Keras-callbacks test below, the CLI tests).
 TINY = dict(num_layers=1, num_heads=2, hidden_dim=32, intermediate_dim=64, seq_len=32,
             global_batch_size=8, warmup_steps=5, log_every=1000, sample_tokens=0,
-            jit_compile=False)
+            jit_compile=False, report=False, tensorboard_graph=False)
 
 
 def _quiet(*_):
@@ -73,7 +75,7 @@ def test_keras_callbacks_work_through_the_trainer(tmp_path, text_file):
                  keras.callbacks.TensorBoard(log_dir=str(tb_dir)),
                  keras.callbacks.TerminateOnNaN()]
     cfg = Config(data=str(text_file), model_dir=str(tmp_path / "run"), train_steps=12,
-                 eval_every=4, checkpoint_every=4, **TINY)
+                 eval_every=4, checkpoint_every=4, **{**TINY, "tensorboard_graph": True})
     metrics = train(cfg, callbacks=callbacks, log=_quiet)
 
     names = [name for name, _ in recorder.calls]
@@ -91,6 +93,11 @@ def test_keras_callbacks_work_through_the_trainer(tmp_path, text_file):
     assert [int(r["epoch"]) for r in rows] == [0, 1, 2]
     assert float(rows[-1]["val_loss"]) == pytest.approx(metrics["val_loss"], rel=1e-5)
     assert glob.glob(str(tb_dir / "**" / "events.out.tfevents.*"), recursive=True)
+    # tfdp's own TensorBoard run holds the model's forward graph.
+    from tensorboard.backend.event_processing import event_accumulator
+    graph = event_accumulator.EventAccumulator(str(tmp_path / "run" / "tensorboard" / "graph"))
+    graph.Reload()
+    assert any(node.op == "MatMul" or "Einsum" in node.op for node in graph.Graph().node)
 
 
 def test_early_stopping_ends_training_and_checkpoints(tmp_path, text_file):
@@ -146,10 +153,13 @@ def test_interrupted_then_resumed_run_equals_a_straight_one(tmp_path, text_file)
     """40 steps straight vs a run that dies at step 27 (last checkpoint: 20)
     and is restarted with the same command: same weights, same step, and the
     validation history and TensorBoard hold each step once. Dropout is on,
-    so this also needs the dropout RNG state from the checkpoint."""
+    so this also needs the dropout RNG state from the checkpoint. Without
+    XLA (three compiles would double its time): what a resume restores is
+    the same for a compiled step, which test_step checks against a
+    hand-written one."""
     import numpy as np
     common = dict(data=str(text_file), train_steps=40, eval_every=10, checkpoint_every=10,
-                  learning_rate=1e-2, **{**TINY, "dropout": 0.1, "jit_compile": True})
+                  learning_rate=1e-2, **{**TINY, "dropout": 0.1})
     straight = train(Config(model_dir=str(tmp_path / "straight"), **common), log=_quiet)
     crashed = str(tmp_path / "crashed")
     with pytest.raises(KeyboardInterrupt):

@@ -112,6 +112,11 @@ class Config:
     overwrite: bool = False  # discard an incompatible run in model_dir instead of refusing
     log_every: int = 50
     steps_per_loop: int = 1  # steps per tf.function call (no Python between them)
+    # What the chief writes besides checkpoints and metrics: report.html at
+    # the end, and the model's graph in TensorBoard on a run's first start
+    # (seconds each; a large model's GraphDef is large).
+    report: bool = True
+    tensorboard_graph: bool = True
     seed: int = 1234
     sample_tokens: int = 300
     sample_prompt: str | None = None  # None: lines of held-out validation text
@@ -266,6 +271,8 @@ class FinetuneConfig:
     keep_checkpoints: int = 3
     log_every: int = 50
     steps_per_loop: int = 1
+    report: bool = True  # as tfdp-train's
+    tensorboard_graph: bool = True
     seed: int = 1234
     strategy: str = "auto"
     num_cpu_replicas: int = 2

@@ -154,10 +154,12 @@ def _finetune_in(fc: FinetuneConfig, strategy, output_dir: str, work: str, write
         tf.train.Checkpoint(backbone=model.backbone, head=model.head).write(
             os.path.join(work, "checkpoint", "ckpt"))
         write_text(os.path.join(work, "metrics.json"), json.dumps(metrics, indent=2))
-        try:  # the report is a view of the run: its failure must not fail it
-            write_report(work)
-        except Exception as err:  # noqa: BLE001
-            runner.log(f"warning: could not write the report ({type(err).__name__}: {err})")
+        if fc.report:
+            try:  # the report is a view of the run: its failure must not fail it
+                write_report(work)
+            except Exception as err:  # noqa: BLE001
+                runner.log(f"warning: could not write the report ({type(err).__name__}: "
+                           f"{err})")
         publish(work, output_dir)
         with contextlib.suppress(OSError):  # the lock file moved along; the lock stays held
             os.unlink(os.path.join(output_dir, rundir.LOCK_NAME))

@@ -34,18 +34,25 @@ def make_sampler(name: str, temperature: float = 1.0, seed: int | None = None,
     raise UserError(f"--sampler={name!r} is unknown; use one of {', '.join(SAMPLERS)}")
 
 
+def generation_step(model, sampler, eot: int):
+    """keras-hub's cached generation loop for `model` as one tf.function
+    (tracing it takes seconds: a caller that samples often keeps it)."""
+    model.sampler = sampler
+    return tf.function(lambda inputs: model.generate_step(inputs, stop_token_ids=[eot]))
+
+
 def generate(model, tokenizer, prompt: str, max_new_tokens: int, sampler,
-             seq_len: int, new_document: bool = True) -> str:
+             seq_len: int, new_document: bool = True, step=None) -> str:
     """Return up to `max_new_tokens` tokens continuing `prompt`; stop at end-of-text.
 
     With `new_document` the prompt is preceded by EOT, the document separator
     the model was trained with, so an empty prompt means "start a new file".
+    `step`: a `generation_step` of this model, sampler and tokenizer to reuse.
     """
     if max_new_tokens <= 0:
         raise UserError(f"--max_length={max_new_tokens} must be a positive number of tokens")
-    model.sampler = sampler
     eot = tokenizer.eot_id
-    step = tf.function(lambda inputs: model.generate_step(inputs, stop_token_ids=[eot]))
+    step = step or generation_step(model, sampler, eot)
     context = tokenizer.encode([prompt.encode("utf-8")])[0].tolist()
     if new_document or not context:  # sampling needs at least one token of context
         context = [eot] + context

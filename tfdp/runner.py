@@ -64,6 +64,7 @@ class Schedule:
     skip_nonfinite_steps: int = 0
     preemption_grace_seconds: float = 25.0
     preempted_exit_code: int = Preempted.exit_code
+    tensorboard_graph: bool = True  # the forward graph in TensorBoard on a first start
 
     @classmethod
     def of(cls, cfg, **overrides) -> "Schedule":
@@ -230,7 +231,8 @@ class Runner:
                 TensorBoardSummaries(os.path.join(self.model_dir, "tensorboard"),
                                      start_step=self.step, config_json=self.config_json,
                                      sample_fn=self.task.sample,
-                                     graph_fn=self.task.forward_graph, prefix=prefix)]
+                                     graph_fn=self.task.forward_graph if s.tensorboard_graph else None,
+                                     prefix=prefix)]
 
     def _check_finite(self, step: int, loss: float, grad_norm: float, overflow: bool) -> None:
         """Stop at a NaN/Inf loss or gradient before it is checkpointed, or,

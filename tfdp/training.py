@@ -238,7 +238,7 @@ def _train_in(cfg: Config, strategy, model_dir: str, write_dir: str, callbacks, 
     write_text(os.path.join(write_dir, "metrics.json"), json.dumps(metrics, indent=2))
     write_text(os.path.join(write_dir, "sample.txt"), sample)
     say(sample)
-    if chief:  # the report is a view of the run: its failure must not fail the run
+    if chief and cfg.report:  # a view of the run: its failure must not fail the run
         try:
             say(f"report: {write_report(model_dir)[0]}")
         except Exception as err:  # noqa: BLE001

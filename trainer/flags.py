@@ -86,6 +86,11 @@ def define_loop_flags() -> None:
                          "Callbacks still see every step, after its call; SIGTERM and a "
                          "stuck-worker check act between calls.")
     flags.DEFINE_integer("log_every", _D.log_every, "Print progress every this many steps.")
+    flags.DEFINE_bool("report", _D.report,
+                      "Write report.html (curves, throughput, memory) at the end of the run.")
+    flags.DEFINE_bool("tensorboard_graph", _D.tensorboard_graph,
+                      "Write the model's graph to TensorBoard (logdir/graph) when a run first "
+                      "starts.")
     flags.DEFINE_list("callbacks", [],
                       "Keras callbacks of your own: package.module:factory, comma-separated; "
                       "each factory is called with no arguments and returns a callback or a "

@@ -17,7 +17,7 @@ import tensorflow as tf
 
 from tfdp import presets
 from tfdp.dataset import Split, eval_dataset_fn, eval_steps_for
-from tfdp.generate import generate, held_out_prompt, make_sampler
+from tfdp.generate import generate, generation_step, held_out_prompt, make_sampler
 from tfdp.model import build_model, logits
 from tfdp.tasks import Task
 
@@ -125,19 +125,20 @@ class Sampler:
             self.prompt = held_out_prompt(val_split, tokenizer, cfg.seed,
                                           max_chars=cfg.seq_len // 2)
             self.origin, self.new_document = "held-out validation text", False
-        self.plain = None
+        self.plain = self.step = None
 
     def __call__(self, model) -> str:
         # Sample from a plain copy of the weights, outside the strategy: traced
         # under MirroredStrategy the cached-generation loop becomes a
         # multi-device function that grappler took 90 s to optimise here. The
-        # copy is built once, so its generation function compiles once.
+        # copy and its generation step are made once, so the step is traced once.
         if self.plain is None:
             self.plain = build_model(self.cfg, self.tokenizer.vocab_size)
+            self.step = generation_step(self.plain, self.sampler, self.tokenizer.eot_id)
         self.plain.set_weights(model.get_weights())
         cfg = self.cfg
         text = generate(self.plain, self.tokenizer, self.prompt, cfg.sample_tokens, self.sampler,
-                        cfg.seq_len, new_document=self.new_document)
+                        cfg.seq_len, new_document=self.new_document, step=self.step)
         return (f"--- sample prompt ({self.origin}) ---\n{self.prompt.rstrip(chr(10))}\n"
                 f"--- generated continuation ({cfg.sample_tokens} tokens max, top-k 40, "
                 f"temperature 0.8) ---\n{text}\n")

@@ -53,8 +53,8 @@ def test_readme_python_example_runs(tmp_path):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert re.search(r"^val loss \d+\.\d{3}, [\d,]+ tokens/s$", done.stdout, re.M), done.stdout
     metrics = json.loads((tmp_path / "runs" / "api" / "metrics.json").read_text())
-    assert metrics["step"] == 40
-    # The callback ran at both evaluations (steps 20 and 40), once each.
+    assert metrics["step"] == 20
+    # The callback ran at both evaluations (steps 10 and 20), once each.
     lines = (tmp_path / "val_loss.txt").read_text().splitlines()
     assert [float(x) for x in lines] == pytest.approx(
         [h["val_loss"] for h in metrics["history"]], abs=1e-4)

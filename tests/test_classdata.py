@@ -156,9 +156,9 @@ def test_a_short_row_has_a_blank_label(tmp_path):
 def test_a_directory_is_not_a_csv_file(tmp_path):
     with pytest.raises(UserError) as err:
         read_examples(str(tmp_path), "text", "label", "train")
-    assert str(err.value).startswith(f"{tmp_path} does not exist or is not a file; give a CSV "
-                                     "file with a header row naming the 'text' and 'label' "
-                                     "columns, or tfds:NAME[/CONFIG][:SPLIT]")
+    assert str(err.value) == (f"{tmp_path} does not exist or is not a file; give a .jsonl "
+                              "file (one JSON object per line), a CSV file with a header row, "
+                              "or tfds:NAME[/CONFIG][:SPLIT]")
 
 
 def test_a_user_path_is_expanded(tmp_path, monkeypatch):

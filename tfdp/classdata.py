@@ -1,8 +1,8 @@
 """Labelled text for fine-tuning a classifier: read, label, tokenize.
 
-Sources: a CSV file (a header row naming the columns; read with the csv
-module as UTF-8) or `tfds:NAME[/CONFIG][:SPLIT]`, read with
-tensorflow_datasets from a local data_dir (no download unless asked).
+Sources (tfdp/records.py): a CSV file with a header row, a JSONL file, or
+`tfds:NAME[/CONFIG][:SPLIT]`, read with tensorflow_datasets from a local
+data_dir (no download unless asked).
 
 Labels are either all integers 0..K-1 or all names; names get ids in sorted
 order (a TFDS ClassLabel keeps its own order). Anything else (a blank label,
@@ -20,16 +20,13 @@ real tokens see exactly what they would see unpadded.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import logging
-import os
 import re
-import sys
 
 import numpy as np
 
 from tfdp.errors import UserError
+from tfdp.records import read_records
 
 _INTEGER = re.compile(r"[0-9]+")
 
@@ -50,84 +47,25 @@ class Examples:
 def read_examples(spec: str, text_column: str, label_column: str, default_split: str,
                   tfds_data_dir: str | None = None, tfds_download: bool = False,
                   flag: str = "--train") -> Examples:
-    """Examples from a CSV path or a `tfds:` spec (its split defaults to
-    `default_split`); `flag` names the flag that gave `spec` in errors."""
-    if spec.startswith("tfds:"):
-        return _read_tfds(spec, text_column, label_column, default_split, tfds_data_dir,
-                          tfds_download, flag)
-    return _read_csv(spec, text_column, label_column)
-
-
-def _read_csv(path: str, text_column: str, label_column: str) -> Examples:
-    path = os.path.expanduser(path)
-    if not os.path.isfile(path):
-        raise UserError(f"{path} does not exist or is not a file; give a CSV file with a "
-                        f"header row naming the {text_column!r} and {label_column!r} columns, "
-                        "or tfds:NAME[/CONFIG][:SPLIT]")
-    texts, labels, rows = [], [], []
-    # Long texts are read whole (pack cuts them to --seq_len), past the csv
-    # module's default 128 KiB field limit.
-    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-    # utf-8-sig: a byte-order mark (as spreadsheets write) is not part of the first name.
-    with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
-        reader = csv.DictReader(f)
-        header = reader.fieldnames
-        if not header:
-            raise UserError(f"{path} is empty; it needs a header row naming the "
-                            f"{text_column!r} and {label_column!r} columns, then one row per "
-                            "example")
-        missing = [c for c in (text_column, label_column) if c not in header]
-        if missing:
-            raise UserError(f"{path} has no column {' or '.join(map(repr, missing))}; its "
-                            f"columns are {', '.join(map(repr, header))}; name them with "
-                            "--text_column and --label_column")
-        try:
-            for row in reader:
-                texts.append((row[text_column] or "").encode("utf-8"))
-                labels.append((row[label_column] or "").strip())
-                rows.append(f"line {reader.line_num} of {path}")
-        except csv.Error as err:
-            raise UserError(f"{path} is not valid CSV at line {reader.line_num} ({err}); "
-                            "quote fields that hold commas or newlines") from None
-    if not texts:
-        raise UserError(f"{path} has a header but no rows; give at least one example per class")
-    return Examples(path, texts, labels, rows)
-
-
-def _read_tfds(spec: str, text_column: str, label_column: str, default_split: str,
-               data_dir: str | None, download: bool, flag: str) -> Examples:
-    from tfdp.recipes.tfds_text import TfdsText  # TFDS is imported only when asked for: it is slow
-
-    # TFDS warns through absl (Python logging) while it looks for data; the
-    # outcome is reported in one line (TfdsText's errors).
-    absl_logger = logging.getLogger("absl")
-    level = absl_logger.level
-    absl_logger.setLevel(logging.ERROR)
-    try:
-        source = TfdsText(spec, text_feature=None, data_dir=data_dir, download=download,
-                          default_split=default_split, flag=flag)
-    finally:
-        absl_logger.setLevel(level)
-    name, split, info = source.name, source.split, source.builder.info
-    dataset = source.builder.as_dataset(split=split)
-    features = info.features
-    missing = [c for c in (text_column, label_column) if c not in features]
+    """Examples from a CSV or JSONL path or a `tfds:` spec (its split defaults
+    to `default_split`); `flag` names the flag that gave `spec` in errors."""
+    records = read_records(spec, default_split, flag, tfds_data_dir, tfds_download)
+    missing = [c for c in (text_column, label_column) if c not in records.fields]
     if missing:
-        raise UserError(f"TFDS dataset {name!r} has no feature "
-                        f"{' or '.join(map(repr, missing))}; its features are "
-                        f"{', '.join(map(repr, features.keys()))}; name them with "
+        kind, noun = (("TFDS dataset", "feature") if spec.startswith("tfds:")
+                      else ("", "column"))
+        raise UserError(f"{kind + ' ' if kind else ''}{records.what} has no {noun} "
+                        f"{' or '.join(map(repr, missing))}; its {noun}s are "
+                        f"{', '.join(map(repr, records.fields))}; name them with "
                         "--text_column and --label_column")
-    label_feature = features[label_column]
-    classes = list(label_feature.names) if hasattr(label_feature, "names") else None
-    texts, labels, rows = [], [], []
-    for i, example in enumerate(dataset.as_numpy_iterator()):
-        text = example[text_column]
-        texts.append(text if isinstance(text, bytes) else str(text).encode("utf-8"))
-        label = example[label_column]
+    classes = records.classes.get(label_column)
+    texts, labels = [], []
+    for row in records.rows:
+        text, label = row.get(text_column), row.get(label_column)
+        texts.append(("" if text is None else str(text)).encode("utf-8"))
         labels.append(int(label) if classes is not None else
-                      (label.decode("utf-8") if isinstance(label, bytes) else str(label)).strip())
-        rows.append(f"example {i} of {spec}")
-    return Examples(f"{name} ({split})", texts, labels, rows, classes)
+                      ("" if label is None else str(label)).strip())
+    return Examples(records.what, texts, labels, records.where, classes)
 
 
 def resolve_labels(train: Examples, evaluation: Examples) -> tuple[list[str], np.ndarray,

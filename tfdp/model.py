@@ -41,6 +41,24 @@ def logits(model: keras.Model, token_ids, training: bool = False):
     return model({"token_ids": token_ids, "padding_mask": mask}, training=training)
 
 
+def segment_logits(model: keras.Model, token_ids, segments, positions, training: bool = False):
+    """Next-token logits [batch, time, vocab] of windows that hold several
+    examples (tfdp/completiondata.py): each input position attends only to
+    earlier positions of its own segment and is embedded at its position
+    inside its example, so every example's logits are exactly what they are
+    alone. keras-hub's GPT-2 backbone takes only a padding mask, so this
+    runs its own layers (the same weights) with an attention mask instead."""
+    backbone = model.backbone
+    x = backbone.token_embedding(token_ids)
+    x = backbone.embeddings_add((x, backbone.position_embedding(x, positions=positions)))
+    x = backbone.embeddings_dropout(x, training=training)
+    # [batch, query, key]; the layers intersect it with the causal mask.
+    same = tf.cast(tf.equal(segments[:, :, None], segments[:, None, :]), tf.int32)
+    for layer in backbone.transformer_layers:
+        x = layer(x, decoder_attention_mask=same, training=training)
+    return backbone.token_embedding(backbone.layer_norm(x), reverse=True)
+
+
 def count_params(model: keras.Model) -> int:
     return int(sum(v.numpy().size for v in model.trainable_variables))
 

@@ -1,0 +1,123 @@
+"""Prompt -> completion (tfdp-finetune --task=completion): translation,
+question answering, instruction tuning, label words.
+
+The model is the pretrained run's own causal LM (no new head), float32
+compute. A batch is (tokens [b, seq_len + 1], segments, positions, weights
+[b, seq_len]) from tfdp/completiondata.py's windows: the loss is the summed
+cross-entropy of the weighted targets (the completion and its closing
+EOT), and since examples carry different numbers of such tokens the step
+divides by the count all-reduced over every replica and worker
+(`count_varies`), so N replicas update exactly as one on the same batch
+whatever the lengths on each. Evaluation reports the completion tokens'
+loss, perplexity and next-token accuracy.
+
+The training order is a seeded permutation of the windows per epoch, a pure
+function of the position (tfdp/dataset.py's shuffled_index), as for
+classification, so a resumed fine-tune reads what the interrupted one would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import keras
+import tensorflow as tf
+
+from tfdp.completiondata import Windows
+from tfdp.dataset import shuffled_index
+from tfdp.model import build_model, segment_logits
+from tfdp.restore import restore_weights
+from tfdp.tasks import Task
+
+
+def weighted_losses(model, batch, training: bool):
+    """(cross-entropy [b, seq_len] times the target weights, logits)."""
+    tokens, segments, positions, weights = batch
+    out = tf.cast(segment_logits(model, tokens[:, :-1], segments, positions, training),
+                  tf.float32)
+    losses = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=tokens[:, 1:], logits=out)
+    return losses * weights, out
+
+
+class CompletionTask(Task):
+    """Fine-tune the tfdp run in `pretrained_dir` (config `cfg`) on the
+    `train` windows and validate on the `evaluation` windows."""
+
+    eval_prefix = "eval_"
+    count_varies = True
+
+    def __init__(self, cfg, vocab_size: int, seq_len: int, seed: int, pretrained_dir: str,
+                 train: Windows, evaluation: Windows):
+        self.cfg, self.vocab_size, self.seq_len, self.seed = cfg, vocab_size, seq_len, seed
+        self.pretrained_dir, self.train, self.evaluation = pretrained_dir, train, evaluation
+        self.pretrained_checkpoint: str | None = None  # set by initialize()
+
+    def build_model(self) -> keras.Model:
+        return build_model(dataclasses.replace(self.cfg, mixed_precision="off"),
+                           self.vocab_size)
+
+    def initialize(self, model, say) -> None:
+        self.pretrained_checkpoint = restore_weights(model, self.pretrained_dir)
+        say(f"starting from {self.pretrained_checkpoint}")
+
+    def tokens_per_example(self) -> int:
+        return self.seq_len
+
+    def train_dataset_fn(self, global_batch_size: int, seed: int, start_step: int):
+        n = len(self.train)
+        tensors = [tf.constant(a) for a in self.train.arrays()]
+
+        def dataset_fn(ctx: tf.distribute.InputContext) -> tf.data.Dataset:
+            per_replica = ctx.get_per_replica_batch_size(global_batch_size)
+            # Pipeline p of P takes global positions p, p+P, ... of one order.
+            first = start_step * global_batch_size + ctx.input_pipeline_id
+            return (tf.data.Dataset.range(first, tf.int64.max, ctx.num_input_pipelines)
+                    .map(lambda q: shuffled_index(q, n, seed))
+                    .batch(per_replica, drop_remainder=True)
+                    .map(lambda rows: tuple(tf.gather(t, rows) for t in tensors))
+                    .prefetch(tf.data.AUTOTUNE))
+        return dataset_fn
+
+    def eval_dataset_fn(self, global_batch_size: int):
+        """Every eval window once; positions past the end, up to a whole
+        batch, repeat window 0 with its weights zeroed."""
+        n = len(self.evaluation)
+        stop = math.ceil(n / global_batch_size) * global_batch_size
+        tokens, segments, positions, weights = (tf.constant(a) for a in self.evaluation.arrays())
+
+        def take(q):
+            rows = tf.where(q < n, q, 0)
+            real = tf.cast(q < n, tf.float32)[:, None]
+            return (tf.gather(tokens, rows), tf.gather(segments, rows),
+                    tf.gather(positions, rows), tf.gather(weights, rows) * real)
+
+        def dataset_fn(ctx: tf.distribute.InputContext) -> tf.data.Dataset:
+            per_replica = ctx.get_per_replica_batch_size(global_batch_size)
+            return (tf.data.Dataset.range(ctx.input_pipeline_id, stop, ctx.num_input_pipelines)
+                    .batch(per_replica, drop_remainder=True).map(take)
+                    .prefetch(tf.data.AUTOTUNE))
+        return dataset_fn
+
+    def global_count(self, global_batch_size: int) -> float:
+        # Nominal (the step divides by the all-reduced count instead): the
+        # weighted fraction of a window times its targets.
+        return float(global_batch_size * self.seq_len) * max(self.train.loss_fraction, 1e-3)
+
+    def loss(self, model, batch, training: bool):
+        losses, _ = weighted_losses(model, batch, training)
+        return tf.reduce_sum(losses), tf.reduce_sum(batch[3])
+
+    def eval_sums(self, model, batch):
+        losses, out = weighted_losses(model, batch, training=False)
+        weights = batch[3]
+        hit = tf.cast(tf.equal(tf.argmax(out, -1, output_type=tf.int32), batch[0][:, 1:]),
+                      tf.float32)
+        return tf.stack([tf.reduce_sum(losses), tf.reduce_sum(weights),
+                         tf.reduce_sum(hit * weights)])
+
+    def eval_metrics(self, sums) -> dict:
+        count = max(float(sums[1]), 1.0)
+        loss = float(sums[0]) / count
+        return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)),
+                "token_accuracy": float(sums[2]) / count}

@@ -138,7 +138,7 @@ def _fine(**kw) -> FinetuneConfig:
 
 
 @pytest.mark.parametrize("overrides, flag", [
-    ({"task": "regression"}, "--task='regression' is unknown; use one of classification"),
+    ({"task": "regression"}, "--task='regression' is unknown; use one of classification, completion"),
     ({"pooling": "max"}, "--pooling='max' is unknown; use one of last, mean"),
     ({"global_batch_size": 0}, "--global_batch_size=0 must be a positive integer"),
     ({"num_cpu_replicas": 0}, "--num_cpu_replicas=0 must be a positive integer"),

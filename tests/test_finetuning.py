@@ -232,7 +232,7 @@ def _bad_inputs(tmp_path, run, good):
          "has a single class \\('positive'\\); a classifier needs at least two"),
         (dict(eval=bad("unseen.csv", [("a", "neutral")])),
          "line 2 of .*unseen.csv has label 'neutral', which the training data never uses"),
-        (dict(task="regression"), "--task='regression' is unknown; use one of classification"),
+        (dict(task="regression"), "--task='regression' is unknown; use one of classification, completion"),
         (dict(global_batch_size=3), "--global_batch_size=3 is not divisible by the 2 replicas"),
         (dict(model_dir=str(no_checkpoint)), "has no checkpoint yet"),
         (dict(seq_len=1000), "--seq_len=1000 exceeds the model's seq_len=32"),
@@ -266,7 +266,8 @@ def test_cli_bad_inputs(pretrained, named_csvs, tmp_path):
                    f"--eval={named_csvs[1]}", f"--output_dir={tmp_path / 'bad'}",
                    "--task=regression")
     assert (task.returncode, task.stderr.strip().splitlines()) == (2, [
-        "tfdp-finetune: error: --task='regression' is unknown; use one of classification"])
+        "tfdp-finetune: error: --task='regression' is unknown; use one of classification, "
+        "completion"])
     assert not (tmp_path / "bad").exists()
 
 
@@ -419,3 +420,34 @@ def test_an_interrupted_fine_tune_with_other_flags_is_not_resumed(pretrained, na
                                         r"--output_dir with --model_dir=None .*"
                                         r"--learning_rate=0.5 \(now 0.003\)"):
         finetune(job(pretrained, *named_csvs, out, train_steps=2), log=quiet)
+
+
+def test_completion_learns_label_words_and_its_output_is_a_run(pretrained, tmp_path):
+    """--task=completion on JSONL (TRL's prompt/completion fields), packed,
+    2 replicas: the loss on the completions falls by half; output_dir is a tfdp run that load_trained (and
+    so generate, eval, export) reads."""
+    from tfdp.restore import load_trained
+
+    def jsonl(path, rows):  # label words of one token each in the run's WordPiece vocabulary
+        path.write_text("".join(json.dumps({"prompt": t, "completion": (" bad", " good")[y]})
+                                + "\n" for t, y in rows), encoding="utf-8")
+        return path
+    train_file = jsonl(tmp_path / "train.jsonl", sentences(TRAIN_TEMPLATES, 240, 5))
+    eval_file = jsonl(tmp_path / "eval.jsonl", sentences(EVAL_TEMPLATES, 100, 6))
+    out = tmp_path / "out"
+    metrics = finetune(job(pretrained, train_file, eval_file, out, task="completion",
+                           train_steps=90, eval_every=30), log=quiet)
+    history = metrics["history"]
+    assert [h["step"] for h in history] == [30, 60, 90]
+    assert history[-1]["eval_loss"] < 0.5 * history[0]["eval_loss"], history
+    # Two targets per example carry loss, the label word and EOT; this
+    # 20-step "pretrained" 1-layer model learns EOT first and the label words
+    # slowly (0.71-0.72 here, packed or not: packing changes nothing but
+    # the padding), so above 0.6 shows both moving.
+    assert metrics["eval_token_accuracy"] > 0.6, history
+    assert 0 < metrics["loss_fraction"] < 0.5 and metrics["prompts_cut"] == 0
+    assert sorted(os.listdir(out)) == ["checkpoints", "config.json", "finetune.json",
+                                       "metrics.json", "tensorboard", "tokenizer"]
+    assert json.loads((out / "finetune.json").read_text())["task"] == "completion"
+    model, tokenizer, cfg = load_trained(str(out))
+    assert cfg.model_dir == str(out) and tokenizer.kind == "wordpiece"

@@ -70,7 +70,8 @@ def test_a_bad_finetune_flag_is_one_line_and_exit_2_without_tensorflow(tmp_path)
             f"--eval={tmp_path}/e.csv", f"--output_dir={tmp_path}/out"]
     rc, out, err, imported = _entry_point("finetune", base + ["--task=x"], tmp_path)
     assert (rc, err, out, imported) == (2, [
-        "tfdp-finetune: error: --task='x' is unknown; use one of classification"], [], False)
+        "tfdp-finetune: error: --task='x' is unknown; use one of classification, "
+        "completion"], [], False)
     rc, _, err, imported = _entry_point("finetune", base + ["--preempted_exit_code=2"],
                                         tmp_path)
     assert (rc, len(err), imported) == (2, 1, False)

@@ -24,7 +24,7 @@ SAMPLERS = ("greedy", "top_k", "top_p")
 INPUT_SHARDING = ("auto", "interleave")
 ALL_REDUCE_DTYPES = ("float32", "bfloat16")
 MIXED_PRECISION = ("off", "bf16", "fp16")
-FINETUNE_TASKS = ("classification",)  # tfdp-finetune --task (tfdp/tasks/)
+FINETUNE_TASKS = ("classification", "completion")  # tfdp-finetune --task (tfdp/tasks/)
 POOLINGS = ("last", "mean")  # what a classifier's head reads (tfdp/tasks/classification.py)
 COLLECTIVES = ("auto", "nccl", "ring")  # tfdp/strategy.py: choose_collective
 # Exit codes tfdp uses for other outcomes, which a preemption must not take:
@@ -255,6 +255,11 @@ class FinetuneConfig:
     eval: str
     output_dir: str
     task: str = "classification"
+    # completion: Python format strings over each example's fields
+    # (tfdp/completiondata.py); the defaults read TRL's prompt-completion JSONL.
+    prompt_template: str = "{prompt}"
+    completion_template: str = "{completion}"
+    pack: bool = True  # completion: several examples per window (exactly isolated)
     text_column: str = "text"
     label_column: str = "label"
     pooling: str = "last"
@@ -288,6 +293,10 @@ class FinetuneConfig:
         if self.task not in FINETUNE_TASKS:
             raise UserError(f"--task={self.task!r} is unknown; use one of "
                             f"{', '.join(FINETUNE_TASKS)}")
+        if self.task == "completion":  # malformed templates fail before TensorFlow loads
+            from tfdp.completiondata import template_fields
+            template_fields(self.prompt_template, "--prompt_template")
+            template_fields(self.completion_template, "--completion_template")
         if self.pooling not in POOLINGS:
             raise UserError(f"--pooling={self.pooling!r} is unknown; use one of "
                             f"{', '.join(POOLINGS)}")

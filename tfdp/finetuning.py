@@ -1,20 +1,27 @@
-"""tfdp-finetune: a pretrained tfdp GPT fine-tuned as a text classifier,
-data-parallel, through the same Runner as pretraining.
+"""tfdp-finetune: a pretrained tfdp GPT fine-tuned, data-parallel, through
+the same Runner as pretraining, for one of two tasks:
 
-    FinetuneConfig (flags, trainer/finetune.py) -> strategy -> examples,
-    labels and tokens (tfdp/classdata.py) -> ClassificationTask
-    (tfdp/tasks/classification.py) -> Runner (tfdp/runner.py) -> output_dir
+    FinetuneConfig (flags, trainer/finetune.py) -> strategy -> examples
+    -> classification: labels and tokens (tfdp/classdata.py) ->
+       ClassificationTask (tfdp/tasks/classification.py)
+    -> completion: templates and windows (tfdp/completiondata.py) ->
+       CompletionTask (tfdp/tasks/completion.py)
+    -> Runner (tfdp/runner.py) -> output_dir
 
 So a fine-tune has what a tfdp-train run has: checkpoints, exact resume
 after SIGKILL or SIGTERM (exit 75), the watchdog, multi-worker through
 tfdp-launch, the progress line, TensorBoard and a report.
 
 While it runs, everything is in a hidden sibling of output_dir,
-`.NAME.tfdp-partial/` (config.json, labels.json, checkpoints/,
-tensorboard/, metrics.json); rerunning the same command resumes from there.
-At the end the final weights (checkpoint/: backbone and head) and metrics
-are added and the directory is renamed to output_dir in one step, so
-output_dir appears whole or not at all.
+`.NAME.tfdp-partial/` (the fine-tune's config, checkpoints/, tensorboard/,
+metrics.json); rerunning the same command resumes from there. At the end
+the metrics (and a classifier's final weights, checkpoint/: backbone and
+head) are added and the directory is renamed to output_dir in one step, so
+output_dir appears whole or not at all. A classification output holds
+config.json (the fine-tune's) and labels.json; a completion output is
+itself a tfdp run (config.json: the model's, tokenizer/, checkpoints/, with
+the fine-tune's config in finetune.json), so tfdp-generate, tfdp-eval and
+tfdp-export read it as they read any run.
 """
 
 from __future__ import annotations
@@ -24,11 +31,12 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 
 import numpy as np
 import tensorflow as tf
 
-from tfdp import classdata, rundir, watchdog
+from tfdp import classdata, completiondata, rundir, watchdog
 from tfdp.atomic import publish, require_new_or_empty, write_text
 from tfdp.config import Config, FinetuneConfig, check_batch
 from tfdp.errors import UserError
@@ -43,12 +51,13 @@ from tfdp.step import default_jit_compile
 from tfdp.strategy import build_strategy, describe, is_chief
 from tfdp.tasks.classification import Classifier, ClassificationTask, build_classifier
 from tfdp.tasks.classification import predict as predict_packed
+from tfdp.tasks.completion import CompletionTask
 
 PARTIAL_SUFFIX = ".tfdp-partial"
 # What a resumed fine-tune must share with the interrupted one: everything
 # that decides the weights. The strategy, replicas and cadence may change.
 RESUME_FIELDS = ("model_dir", "train", "eval", "task", "text_column", "label_column",
-                 "pooling", "seq_len", "global_batch_size", "steps", "learning_rate",
+                 "prompt_template", "completion_template", "pack", "pooling", "seq_len", "global_batch_size", "steps", "learning_rate",
                  "warmup_fraction", "weight_decay", "clip_norm", "seed")
 
 
@@ -76,13 +85,21 @@ def finetune(fc: FinetuneConfig, callbacks=(), log=print, live=None) -> dict:
         fc, strategy, output_dir, work, write_dir, callbacks, say, live), log, live)
 
 
-def _finetune_in(fc: FinetuneConfig, strategy, output_dir: str, work: str, write_dir: str,
-                 callbacks, say, live) -> dict:
-    """Fine-tune in `work` (checkpoints into `write_dir`: `work` on the
-    chief), then publish it as output_dir."""
-    chief = write_dir == work
-    replicas = strategy.num_replicas_in_sync
-    cfg, tokenizer, model_dir = load_run(fc.model_dir)
+@dataclasses.dataclass
+class _Setup:
+    """What one --task contributes to a fine-tune: its Task, the values the
+    job records (config), files to write beside it, and a line for the log."""
+
+    task: object
+    seq_len: int
+    train_examples: int
+    eval_examples: int
+    config: dict
+    files: dict  # name in the output -> JSON-able content
+    summary: str
+
+
+def _classification(fc: FinetuneConfig, cfg: Config, tokenizer, model_dir: str) -> _Setup:
     read = dict(text_column=fc.text_column, label_column=fc.label_column,
                 tfds_data_dir=fc.tfds_data_dir, tfds_download=fc.tfds_download)
     train_ex = classdata.read_examples(fc.train, default_split="train", flag="--train", **read)
@@ -90,33 +107,80 @@ def _finetune_in(fc: FinetuneConfig, strategy, output_dir: str, work: str, write
     classes, train_labels, eval_labels = classdata.resolve_labels(train_ex, eval_ex)
     train_ids = tokenizer.encode(train_ex.texts)
     eval_ids = tokenizer.encode(eval_ex.texts)
+    longest = max(len(x) for x in train_ids + eval_ids) + 1
+    seq_len = fc.seq_len or min(longest, cfg.seq_len)
+    task = ClassificationTask(
+        cfg, tokenizer.vocab_size, len(classes), fc.pooling, seq_len, fc.seed, model_dir,
+        train=(*classdata.pack(train_ids, seq_len, tokenizer.eot_id), train_labels),
+        evaluation=(*classdata.pack(eval_ids, seq_len, tokenizer.eot_id), eval_labels))
+    truncated = sum(len(x) >= seq_len for x in train_ids)
+    return _Setup(task, seq_len, len(train_labels), len(eval_labels),
+                  {"num_classes": len(classes)},
+                  {"labels.json": {"classes": classes,
+                                   "ids": {c: i for i, c in enumerate(classes)}}},
+                  f"{len(classes)} classes; {truncated:,} train texts truncated")
+
+
+def _completion(fc: FinetuneConfig, cfg: Config, tokenizer, model_dir: str) -> _Setup:
+    read = dict(tfds_data_dir=fc.tfds_data_dir, tfds_download=fc.tfds_download)
+    train_ex = completiondata.read_completions(fc.train, fc.prompt_template,
+                                               fc.completion_template, "train", "--train", **read)
+    eval_ex = completiondata.read_completions(fc.eval, fc.prompt_template,
+                                              fc.completion_template, "test", "--eval", **read)
+    # The window is the model's: prompts and completions vary in length, and
+    # packing fills it.
+    seq_len = fc.seq_len or cfg.seq_len
+    train_tok = completiondata.tokenize(train_ex, tokenizer, seq_len)
+    eval_tok = completiondata.tokenize(eval_ex, tokenizer, seq_len)
+    # Packing follows a seeded shuffle, so windows mix examples of every
+    # kind; each epoch then permutes the windows.
+    order = np.random.default_rng(fc.seed).permutation(len(train_tok.tokens))
+    train_w = completiondata.windows(train_tok, seq_len, fc.pack, order)
+    eval_w = completiondata.windows(eval_tok, seq_len, fc.pack)
+    task = CompletionTask(cfg, tokenizer.vocab_size, seq_len, fc.seed, model_dir,
+                          train=train_w, evaluation=eval_w)
+    cut = train_tok.prompts_cut + eval_tok.prompts_cut
+    return _Setup(task, seq_len, len(train_ex.prompts), len(eval_ex.prompts),
+                  {"train_windows": len(train_w), "eval_windows": len(eval_w),
+                   "prompts_cut": cut, "loss_fraction": round(train_w.loss_fraction, 4)},
+                  {}, f"{len(train_w):,} train windows ({'packed' if fc.pack else 'one example each'}"
+                  f", {100 * train_w.loss_fraction:.1f}% of targets carry loss); {cut:,} prompts "
+                  f"cut from the left to fit")
+
+
+SETUPS = {"classification": _classification, "completion": _completion}
+
+
+def _finetune_in(fc: FinetuneConfig, strategy, output_dir: str, work: str, write_dir: str,
+                 callbacks, say, live) -> dict:
+    """Fine-tune in `work` (checkpoints into `write_dir`: `work` on the
+    chief), then publish it as output_dir."""
+    chief = write_dir == work
+    replicas = strategy.num_replicas_in_sync
+    cfg, tokenizer, model_dir = load_run(fc.model_dir)
     if fc.seq_len > cfg.seq_len:
         raise UserError(f"--seq_len={fc.seq_len} exceeds the model's seq_len={cfg.seq_len} "
                         "(its position embeddings end there); use at most that")
-    longest = max(len(x) for x in train_ids + eval_ids) + 1
-    seq_len = fc.seq_len or min(longest, cfg.seq_len)
-    n, batch = len(train_labels), fc.global_batch_size
-    steps = fc.train_steps or max(1, math.ceil(fc.epochs * n / batch))
+    setup = SETUPS[fc.task](fc, cfg, tokenizer, model_dir)
+    task, seq_len, n, batch = setup.task, setup.seq_len, setup.train_examples, fc.global_batch_size
+    # Classification steps through examples, completion through windows.
+    rows = n if fc.task == "classification" else setup.config["train_windows"]
+    steps = fc.train_steps or max(1, math.ceil(fc.epochs * rows / batch))
     # The values this job actually uses, recorded once and checked on resume.
     config = {**dataclasses.asdict(fc), "model_dir": model_dir, "output_dir": output_dir,
-              "seq_len": seq_len, "steps": steps, "num_classes": len(classes),
+              "seq_len": seq_len, "steps": steps, **setup.config,
               "jit_compile": (default_jit_compile("off", strategy) if fc.jit_compile is None
                               else fc.jit_compile),  # float32 compute (the task's model)
               "pretrained_config": json.loads(cfg.to_json())}
     # One job at a time per output_dir: a second is refused, naming the first.
     held = rundir.hold(work, flag="--output_dir") if chief else None
-    resume = _check_resumable(work, config) if chief else os.path.isdir(work)
-    say(f"strategy: {describe(strategy)}; pretrained: "
-        f"{model_dir}; {len(classes)} classes; {n:,} train / {len(eval_labels):,} eval "
-        f"examples of up to {seq_len} tokens ({sum(len(x) >= seq_len for x in train_ids):,} "
-        f"train texts truncated); {steps} steps of {batch} ({steps * batch / n:.2f} epochs); "
-        f"working in {work}")
+    config_name = CONFIG_FILE[fc.task]
+    resume = _check_resumable(work, config, config_name) if chief else os.path.isdir(work)
+    say(f"strategy: {describe(strategy)}; pretrained: {model_dir}; {n:,} train / "
+        f"{setup.eval_examples:,} eval examples of up to {seq_len} tokens; {setup.summary}; "
+        f"{steps} steps of {batch} ({steps * batch / rows:.2f} epochs); working in {work}")
     say("config: " + " ".join(f"{k}={v}" for k, v in sorted(config.items())
                               if k != "pretrained_config"))
-    task = ClassificationTask(
-        cfg, tokenizer.vocab_size, len(classes), fc.pooling, seq_len, fc.seed, model_dir,
-        train=(*classdata.pack(train_ids, seq_len, tokenizer.eot_id), train_labels),
-        evaluation=(*classdata.pack(eval_ids, seq_len, tokenizer.eot_id), eval_labels))
     optimizer = Config(learning_rate=fc.learning_rate, min_learning_rate=0.0,
                        warmup_steps=int(fc.warmup_fraction * steps), train_steps=steps,
                        weight_decay=fc.weight_decay, beta2=0.999)
@@ -125,8 +189,8 @@ def _finetune_in(fc: FinetuneConfig, strategy, output_dir: str, work: str, write
     runner = Runner(strategy, task, schedule, lambda v: build_optimizer(optimizer, v), work,
                     write_dir, callbacks, say, live, resume=resume,
                     config_json=json.dumps(config, indent=2))
-    # The head adds one matmul per example, not per token: the decoder's
-    # FLOPs per token are the figure that matters.
+    # A classifier's head adds one matmul per example, not per token: the
+    # decoder's FLOPs per token are the figure that matters.
     runner.flops_per_token = flops_per_token(
         non_embedding_params(runner.model), cfg.num_layers, cfg.num_heads,
         cfg.hidden_dim // cfg.num_heads, seq_len)
@@ -136,23 +200,28 @@ def _finetune_in(fc: FinetuneConfig, strategy, output_dir: str, work: str, write
             config["pretrained_checkpoint"] = task.pretrained_checkpoint
         else:
             config["pretrained_checkpoint"] = read_json(
-                os.path.join(work, "config.json")).get("pretrained_checkpoint")
+                os.path.join(work, config_name)).get("pretrained_checkpoint")
         os.makedirs(work, exist_ok=True)
-        write_text(os.path.join(work, "config.json"), json.dumps(config, indent=2))
-        write_text(os.path.join(work, "labels.json"), json.dumps(
-            {"classes": classes, "ids": {c: i for i, c in enumerate(classes)}}, indent=2))
+        write_text(os.path.join(work, config_name), json.dumps(config, indent=2))
+        for name, content in setup.files.items():
+            write_text(os.path.join(work, name), json.dumps(content, indent=2))
+        if fc.task == "completion":  # the output is a tfdp run: generate, eval, export read it
+            _write_run_files(work, cfg, model_dir, output_dir, seq_len)
     logs = runner.fit()
     metrics = {**{k: v for k, v in logs.items() if k.startswith(("eval_", "train_loss"))},
-               "num_classes": len(classes), "classes": classes, "train_examples": n,
-               "eval_examples": len(eval_labels), "seq_len": seq_len, "steps": steps,
-               "step": runner.step, "num_replicas": replicas,
+               **{k: v for k, v in setup.config.items() if k != "train_windows"},
+               "train_examples": n, "eval_examples": setup.eval_examples, "seq_len": seq_len,
+               "steps": steps, "step": runner.step, "num_replicas": replicas,
                "tokens_per_second": runner.mean_tokens_per_second,
                "pretrained_checkpoint": config.get("pretrained_checkpoint"),
                "history": runner.history}
+    if fc.task == "classification":
+        metrics["classes"] = setup.files["labels.json"]["classes"]
     if chief:
         model = runner.model
-        tf.train.Checkpoint(backbone=model.backbone, head=model.head).write(
-            os.path.join(work, "checkpoint", "ckpt"))
+        if fc.task == "classification":  # the final weights, apart from the loop's checkpoints
+            tf.train.Checkpoint(backbone=model.backbone, head=model.head).write(
+                os.path.join(work, "checkpoint", "ckpt"))
         write_text(os.path.join(work, "metrics.json"), json.dumps(metrics, indent=2))
         if fc.report:
             try:  # the report is a view of the run: its failure must not fail it
@@ -164,16 +233,38 @@ def _finetune_in(fc: FinetuneConfig, strategy, output_dir: str, work: str, write
         with contextlib.suppress(OSError):  # the lock file moved along; the lock stays held
             os.unlink(os.path.join(output_dir, rundir.LOCK_NAME))
         held.release()
-        runner.log(f"eval accuracy {metrics['eval_accuracy']:.4f}; wrote {output_dir}")
+        score = ("eval accuracy {:.4f}".format(metrics["eval_accuracy"])
+                 if fc.task == "classification" else
+                 "eval loss {:.4f}".format(metrics["eval_loss"]))
+        runner.log(f"{score}; wrote {output_dir}")
     return metrics
 
 
-def _check_resumable(work: str, config: dict) -> bool:
-    """Whether `work` holds an interrupted fine-tune to resume; refuse one
-    that another command (other data, model or hyper-parameters) began."""
+# Where the fine-tune's own config is recorded: a completion's output is
+# also a tfdp run, whose config.json is the model's (tfdp/config.py Config).
+CONFIG_FILE = {"classification": "config.json", "completion": "finetune.json"}
+
+
+def _write_run_files(work: str, cfg: Config, model_dir: str, output_dir: str,
+                     seq_len: int) -> None:
+    """config.json (the model's Config) and tokenizer/ in `work`, so the
+    published output_dir is a run every command reads (its checkpoints/ are
+    the loop's)."""
+    run_cfg = dataclasses.replace(cfg, model_dir=output_dir, mixed_precision="off",
+                                  init_from=None)
+    write_text(os.path.join(work, "config.json"), run_cfg.to_json())
+    tokenizer_dir = os.path.join(work, "tokenizer")
+    if not os.path.isdir(tokenizer_dir):
+        shutil.copytree(os.path.join(model_dir, "tokenizer"), tokenizer_dir)
+
+
+def _check_resumable(work: str, config: dict, name: str) -> bool:
+    """Whether `work` holds an interrupted fine-tune to resume (its config in
+    `name`); refuse one that another command (other data, model or
+    hyper-parameters) began."""
     if not os.path.isdir(work):
         return False
-    saved = read_json(os.path.join(work, "config.json"))
+    saved = read_json(os.path.join(work, name))
     if not saved:
         return False  # nothing recorded yet: it never got past its set-up (or only holds it)
     diffs = [f"--{k}={saved.get(k)!r} (now {config[k]!r})" for k in RESUME_FIELDS

@@ -8,9 +8,12 @@ from trainer.flags import FLAGS, define_loop_flags, define_strategy_flags
 
 flags.DEFINE_string("model_dir", None, "A directory written by tfdp-train (its latest "
                     "checkpoint is the starting point).", required=True)
-flags.DEFINE_string("task", "classification", "What to fine-tune for: classification.")
-flags.DEFINE_string("train", None, "Training examples: a CSV file with a header row, or "
-                    "tfds:NAME[/CONFIG][:SPLIT] (split default: train).", required=True)
+flags.DEFINE_string("task", "classification", "What to fine-tune for: classification (a "
+                    "label per text, a new head) or completion (prompt -> completion: translation, question answering, "
+                    "instructions, label words; the loss falls on the completion only).")
+flags.DEFINE_string("train", None, "Training examples: a JSONL file (one object per line), "
+                    "a CSV file with a header row, or tfds:NAME[/CONFIG][:SPLIT] (split "
+                    "default: train).", required=True)
 flags.DEFINE_string("eval", None, "Held-out examples, as --train (TFDS split default: test); "
                     "accuracy is reported on them.", required=True)
 flags.DEFINE_string("output_dir", None, "New (or empty) directory for the fine-tuned "
@@ -18,15 +21,27 @@ flags.DEFINE_string("output_dir", None, "New (or empty) directory for the fine-t
                     "report; it appears when the fine-tune ends (until then the work is in "
                     ".NAME.tfdp-partial beside it, and rerunning the same command resumes "
                     "it).", required=True)
+flags.DEFINE_string("prompt_template", "{prompt}", "--task=completion: the prompt, a Python "
+                    "format string over each example's fields (\\n in it is a newline), e.g. "
+                    "'German: {de}\\nEnglish:' "
+                    "or '{context}\\nQ: {question}\\nA:' (nested TFDS features as "
+                    "{answers/text}; a ClassLabel gives its name).")
+flags.DEFINE_string("completion_template", "{completion}", "--task=completion: what the model "
+                    "learns to write after the prompt, e.g. ' {en}'; a list field (squad's "
+                    "{answers/text}) trains on its first element and scores against all.")
+flags.DEFINE_bool("pack", True, "--task=completion: put several examples in one window (each "
+                  "sees only itself), so no compute is spent on padding.")
 flags.DEFINE_string("text_column", "text", "CSV column or TFDS feature holding the text.")
 flags.DEFINE_string("label_column", "label", "CSV column or TFDS feature holding the label: "
                     "integers 0..K-1, or class names (ids in sorted order).")
 flags.DEFINE_enum("pooling", "last", ["last", "mean"], "What the head reads: the last real "
                   "token's hidden state (the EOT after the text) or the mean over real tokens.")
-flags.DEFINE_integer("seq_len", 0, "Tokens per example (texts keep their first tokens); "
-                     "0: the longest example, at most the model's seq_len.")
-flags.DEFINE_integer("global_batch_size", 32, "Examples per step over ALL replicas; must "
-                     "divide by the replica count.")
+flags.DEFINE_integer("seq_len", 0, "Tokens per example (classification: texts keep their "
+                     "first tokens; completion: prompts lose their first tokens); 0: "
+                     "classification the longest example, completion the model's seq_len, "
+                     "at most the model's seq_len.")
+flags.DEFINE_integer("global_batch_size", 32, "Examples (completion: windows) per step over "
+                     "ALL replicas; must divide by the replica count.")
 flags.DEFINE_float("epochs", 3.0, "Passes over the training examples.")
 flags.DEFINE_integer("train_steps", 0, "Optimizer steps; > 0 overrides --epochs.")
 flags.DEFINE_float("learning_rate", 1e-3, "Peak AdamW learning rate (warmup, then cosine to 0).")
@@ -50,8 +65,10 @@ def main() -> None:
 
     from tfdp.config import FinetuneConfig
 
-    fc = FinetuneConfig(**{f.name: FLAGS[f.name].value
-                           for f in dataclasses.fields(FinetuneConfig)}).validate()
+    values = {f.name: FLAGS[f.name].value for f in dataclasses.fields(FinetuneConfig)}
+    for name in ("prompt_template", "completion_template"):  # a shell passes \n as 2 characters
+        values[name] = values[name].replace("\\n", "\n").replace("\\t", "\t")
+    fc = FinetuneConfig(**values).validate()
     from tfdp.callbacks import from_factories  # TensorFlow loads from here on
     from tfdp.finetuning import finetune
 

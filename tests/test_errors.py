@@ -308,8 +308,10 @@ def test_load_trained_on_a_non_run(tmp_path):
 
 def test_bad_sampler_settings():
     from tfdp.generate import make_sampler
-    with pytest.raises(UserError, match="--sampler='beam'"):
-        make_sampler("beam")
+    with pytest.raises(UserError, match="--sampler='nucleus'"):
+        make_sampler("nucleus")
+    with pytest.raises(UserError, match="--num_beams=0"):
+        make_sampler("beam", num_beams=0)
     with pytest.raises(UserError, match="--temperature=0"):
         make_sampler("top_k", temperature=0)
 
@@ -320,7 +322,7 @@ def test_bad_sampler_settings():
 @pytest.mark.parametrize("prog, flag, extra", [
     ("tfdp-train", "--strategy=ring", []),
     ("tfdp-prepare", "--tokenizer=unigram", ["--input=x", "--output=y"]),
-    ("tfdp-generate", "--sampler=beam", ["--model_dir=x"]),
+    ("tfdp-generate", "--sampler=nucleus", ["--model_dir=x"]),
 ])
 def test_cli_unknown_enum_value(tmp_path, prog, flag, extra):
     # absl rejects enum values while parsing flags, before tfdp's code runs.

@@ -20,7 +20,7 @@ TOKENIZERS = ("byte", "char", "wordpiece", "sentencepiece", "bpe")
 # The vocabulary a tokenizer gets without --vocab_size (byte and char are fixed).
 DEFAULT_VOCAB_SIZE = {"byte": 257, "char": 256, "wordpiece": 8192, "sentencepiece": 8192,
                       "bpe": 8192}
-SAMPLERS = ("greedy", "top_k", "top_p")
+SAMPLERS = ("greedy", "beam", "top_k", "top_p")
 INPUT_SHARDING = ("auto", "interleave")
 ALL_REDUCE_DTYPES = ("float32", "bfloat16")
 MIXED_PRECISION = ("off", "bf16", "fp16")

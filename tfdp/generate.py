@@ -16,7 +16,8 @@ from tfdp.errors import UserError
 
 
 def make_sampler(name: str, temperature: float = 1.0, seed: int | None = None,
-                 top_k: int = 40, top_p: float = 0.9, vocab_size: int | None = None):
+                 top_k: int = 40, top_p: float = 0.9, vocab_size: int | None = None,
+                 num_beams: int = 4):
     """A keras-hub sampler; `top_k` is capped at the vocabulary size."""
     if temperature <= 0:
         raise UserError(f"--temperature={temperature} must be positive, e.g. 0.8")
@@ -26,6 +27,10 @@ def make_sampler(name: str, temperature: float = 1.0, seed: int | None = None,
         raise UserError(f"--top_p={top_p} must be in (0, 1], e.g. 0.9")
     if name == "greedy":
         return keras_hub.samplers.GreedySampler()
+    if name == "beam":
+        if num_beams < 1:
+            raise UserError(f"--num_beams={num_beams} must be at least 1, e.g. 4")
+        return keras_hub.samplers.BeamSampler(num_beams=num_beams)
     if name == "top_k":
         k = min(top_k, vocab_size) if vocab_size else top_k
         return keras_hub.samplers.TopKSampler(k=k, seed=seed, temperature=temperature)

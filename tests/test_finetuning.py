@@ -436,8 +436,14 @@ def test_completion_learns_label_words_and_its_output_is_a_run(pretrained, tmp_p
     eval_file = jsonl(tmp_path / "eval.jsonl", sentences(EVAL_TEMPLATES, 100, 6))
     out = tmp_path / "out"
     metrics = finetune(job(pretrained, train_file, eval_file, out, task="completion",
-                           train_steps=90, eval_every=30), log=quiet)
+                           train_steps=90, eval_every=30, score_examples=40,
+                           max_new_tokens=3), log=quiet)
     history = metrics["history"]
+    # Every evaluation also scored 40 decoded completions; label words, so
+    # accuracy too (percentages).
+    for h in history:
+        assert {"eval_bleu", "eval_chrf", "eval_exact_match", "eval_f1", "eval_accuracy"} <= set(h)
+        assert 0 <= h["eval_accuracy"] <= 100 and 0 <= h["eval_f1"] <= 100
     assert [h["step"] for h in history] == [30, 60, 90]
     assert history[-1]["eval_loss"] < 0.5 * history[0]["eval_loss"], history
     # Two targets per example carry loss, the label word and EOT; this

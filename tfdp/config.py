@@ -260,6 +260,12 @@ class FinetuneConfig:
     prompt_template: str = "{prompt}"
     completion_template: str = "{completion}"
     pack: bool = True  # completion: several examples per window (exactly isolated)
+    # completion: each evaluation decodes this many eval examples and scores
+    # the text (tfdp/textmetrics.py); 0: loss only.
+    score_examples: int = 64
+    max_new_tokens: int = 32
+    sampler: str = "greedy"  # or beam
+    num_beams: int = 4
     text_column: str = "text"
     label_column: str = "label"
     pooling: str = "last"
@@ -297,6 +303,13 @@ class FinetuneConfig:
             from tfdp.completiondata import template_fields
             template_fields(self.prompt_template, "--prompt_template")
             template_fields(self.completion_template, "--completion_template")
+            if self.sampler not in ("greedy", "beam"):
+                raise UserError(f"--sampler={self.sampler!r} is unknown for scoring; use "
+                                "greedy or beam")
+            for name in ("max_new_tokens", "num_beams"):
+                if getattr(self, name) <= 0:
+                    raise UserError(f"--{name}={getattr(self, name)} must be a positive "
+                                    "integer")
         if self.pooling not in POOLINGS:
             raise UserError(f"--pooling={self.pooling!r} is unknown; use one of "
                             f"{', '.join(POOLINGS)}")
@@ -304,7 +317,8 @@ class FinetuneConfig:
                      "keep_checkpoints", "log_every", "steps_per_loop"):
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name}={getattr(self, name)} must be a positive integer")
-        for name in ("seq_len", "train_steps", "eval_every", "weight_decay", "clip_norm"):
+        for name in ("seq_len", "train_steps", "eval_every", "weight_decay", "clip_norm",
+                     "score_examples"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name}={getattr(self, name)} must not be negative")
         if self.learning_rate <= 0 or (self.train_steps == 0 and self.epochs <= 0):

@@ -51,7 +51,7 @@ from tfdp.step import default_jit_compile
 from tfdp.strategy import build_strategy, describe, is_chief
 from tfdp.tasks.classification import Classifier, ClassificationTask, build_classifier
 from tfdp.tasks.classification import predict as predict_packed
-from tfdp.tasks.completion import CompletionTask
+from tfdp.tasks.completion import CompletionTask, Scoring
 
 PARTIAL_SUFFIX = ".tfdp-partial"
 # What a resumed fine-tune must share with the interrupted one: everything
@@ -137,8 +137,11 @@ def _completion(fc: FinetuneConfig, cfg: Config, tokenizer, model_dir: str) -> _
     order = np.random.default_rng(fc.seed).permutation(len(train_tok.tokens))
     train_w = completiondata.windows(train_tok, seq_len, fc.pack, order)
     eval_w = completiondata.windows(eval_tok, seq_len, fc.pack)
+    scored = slice(0, fc.score_examples)
+    scoring = Scoring(eval_ex.prompts[scored], eval_ex.references[scored], tokenizer,
+                      fc.max_new_tokens, fc.sampler, fc.num_beams)
     task = CompletionTask(cfg, tokenizer.vocab_size, seq_len, fc.seed, model_dir,
-                          train=train_w, evaluation=eval_w)
+                          train=train_w, evaluation=eval_w, scoring=scoring)
     cut = train_tok.prompts_cut + eval_tok.prompts_cut
     return _Setup(task, seq_len, len(train_ex.prompts), len(eval_ex.prompts),
                   {"train_windows": len(train_w), "eval_windows": len(eval_w),
@@ -233,10 +236,12 @@ def _finetune_in(fc: FinetuneConfig, strategy, output_dir: str, work: str, write
         with contextlib.suppress(OSError):  # the lock file moved along; the lock stays held
             os.unlink(os.path.join(output_dir, rundir.LOCK_NAME))
         held.release()
-        score = ("eval accuracy {:.4f}".format(metrics["eval_accuracy"])
-                 if fc.task == "classification" else
-                 "eval loss {:.4f}".format(metrics["eval_loss"]))
-        runner.log(f"{score}; wrote {output_dir}")
+        shown = ("eval_accuracy",) if fc.task == "classification" else (
+            "eval_loss", "eval_bleu", "eval_chrf", "eval_exact_match", "eval_f1",
+            "eval_accuracy")
+        score = ", ".join(f"{k[5:].replace('_', ' ')} {metrics[k]:.4g}" for k in shown
+                          if k in metrics)
+        runner.log(f"eval {score}; wrote {output_dir}")
     return metrics
 
 

@@ -185,6 +185,9 @@ class Runner:
             metrics = evaluate_task(self.strategy, self.eval_step, self.task,
                                     self.schedule.global_batch_size,
                                     callbacks.on_test_batch_begin, batch_end)
+        # Decoding (a task scored on generated text) paces itself, without
+        # per-batch heartbeats; its one all-reduce comes at the end.
+        metrics.update(self.task.generated_metrics(self.model, self.strategy))
         callbacks.on_test_end(metrics)
         return {self.task.eval_prefix + k: v for k, v in metrics.items()}
 

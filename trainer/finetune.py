@@ -31,6 +31,14 @@ flags.DEFINE_string("completion_template", "{completion}", "--task=completion: w
                     "{answers/text}) trains on its first element and scores against all.")
 flags.DEFINE_bool("pack", True, "--task=completion: put several examples in one window (each "
                   "sees only itself), so no compute is spent on padding.")
+flags.DEFINE_integer("score_examples", 64, "--task=completion: at every evaluation, decode "
+                     "the first this many eval examples (data-parallel) and score the text: "
+                     "BLEU, chrF, exact match, F1, and accuracy for label words; 0: loss only.")
+flags.DEFINE_integer("max_new_tokens", 32, "--task=completion: most tokens decoded per example "
+                     "when scoring (it stops at end-of-text).")
+flags.DEFINE_enum("sampler", "greedy", ["greedy", "beam"], "--task=completion: decoding for "
+                  "scores: greedy, or beam search (--num_beams).")
+flags.DEFINE_integer("num_beams", 4, "--task=completion --sampler=beam: beams per example.")
 flags.DEFINE_string("text_column", "text", "CSV column or TFDS feature holding the text.")
 flags.DEFINE_string("label_column", "label", "CSV column or TFDS feature holding the label: "
                     "integers 0..K-1, or class names (ids in sorted order).")

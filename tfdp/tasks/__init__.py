@@ -10,6 +10,8 @@ decoder needs. The tasks:
 
     language_model.LanguageModelTask    next-token prediction (tfdp-train)
     classification.ClassificationTask   a labelled text classifier (tfdp-finetune)
+    completion.CompletionTask           prompt -> completion (tfdp-finetune
+                                        --task=completion), scored on what it generates
 
 A new job is a new module here implementing `Task`; never a new loop.
 """
@@ -84,6 +86,12 @@ class Task:
     def eval_metrics(self, sums) -> dict:
         """Metrics (without the prefix) from the summed `eval_sums`; "loss" first."""
         raise NotImplementedError
+
+    def generated_metrics(self, model: keras.Model, strategy) -> dict:
+        """Scores of text the model generates (BLEU, exact match, ...), added
+        to every evaluation's metrics; every worker calls it. {} for tasks
+        scored on their logits alone."""
+        return {}
 
     def sample(self, model: keras.Model) -> str | None:
         """Text to show at each evaluation (TensorBoard), or None."""

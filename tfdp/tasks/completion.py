@@ -9,7 +9,10 @@ EOT), and since examples carry different numbers of such tokens the step
 divides by the count all-reduced over every replica and worker
 (`count_varies`), so N replicas update exactly as one on the same batch
 whatever the lengths on each. Evaluation reports the completion tokens'
-loss, perplexity and next-token accuracy.
+loss, perplexity and next-token accuracy, and (`Scoring`) what matters
+for these tasks: the generated completions of a bounded number of eval
+examples scored against their references (BLEU, chrF, exact match, F1,
+accuracy for label words).
 
 The training order is a seeded permutation of the windows per epoch, a pure
 function of the position (tfdp/dataset.py's shuffled_index), as for
@@ -40,17 +43,53 @@ def weighted_losses(model, batch, training: bool):
     return losses * weights, out
 
 
+@dataclasses.dataclass
+class Scoring:
+    """What each evaluation decodes and scores (tfdp/textmetrics.py): the
+    first eval examples' prompts and references, greedy or beam."""
+
+    prompts: list[str]
+    references: list[list[str]]
+    tokenizer: object
+    max_new_tokens: int = 32
+    sampler: str = "greedy"
+    num_beams: int = 4
+    batch_size: int = 16
+
+    @property
+    def label_words(self) -> bool:
+        """Completions from a small fixed set (glue/sst2 as "positive" /
+        "negative"): then accuracy is reported too."""
+        distinct = {refs[0].strip() for refs in self.references}
+        return len(distinct) <= min(20, len(self.references) // 2)
+
+
+def score(model_cfg, weights, scoring: Scoring, strategy) -> dict:
+    """Decode the scoring prompts data-parallel and score them."""
+    from tfdp.decoding import complete
+    from tfdp.generate import make_sampler
+    from tfdp.textmetrics import text_scores
+
+    texts = complete(strategy, model_cfg, weights, scoring.tokenizer, scoring.prompts,
+                     scoring.max_new_tokens,
+                     lambda: make_sampler(scoring.sampler, num_beams=scoring.num_beams),
+                     scoring.batch_size)
+    return text_scores(texts, scoring.references, labels=scoring.label_words)
+
+
 class CompletionTask(Task):
     """Fine-tune the tfdp run in `pretrained_dir` (config `cfg`) on the
-    `train` windows and validate on the `evaluation` windows."""
+    `train` windows and validate on the `evaluation` windows; with
+    `scoring`, every evaluation also decodes and scores its examples."""
 
     eval_prefix = "eval_"
     count_varies = True
 
     def __init__(self, cfg, vocab_size: int, seq_len: int, seed: int, pretrained_dir: str,
-                 train: Windows, evaluation: Windows):
+                 train: Windows, evaluation: Windows, scoring: Scoring | None = None):
         self.cfg, self.vocab_size, self.seq_len, self.seed = cfg, vocab_size, seq_len, seed
         self.pretrained_dir, self.train, self.evaluation = pretrained_dir, train, evaluation
+        self.scoring = scoring
         self.pretrained_checkpoint: str | None = None  # set by initialize()
 
     def build_model(self) -> keras.Model:
@@ -115,6 +154,12 @@ class CompletionTask(Task):
                       tf.float32)
         return tf.stack([tf.reduce_sum(losses), tf.reduce_sum(weights),
                          tf.reduce_sum(hit * weights)])
+
+    def generated_metrics(self, model, strategy) -> dict:
+        if self.scoring is None or not self.scoring.prompts:
+            return {}
+        plain = dataclasses.replace(self.cfg, mixed_precision="off")
+        return score(plain, model.get_weights(), self.scoring, strategy)
 
     def eval_metrics(self, sums) -> dict:
         count = max(float(sums[1]), 1.0)

@@ -457,3 +457,34 @@ def test_completion_learns_label_words_and_its_output_is_a_run(pretrained, tmp_p
     assert json.loads((out / "finetune.json").read_text())["task"] == "completion"
     model, tokenizer, cfg = load_trained(str(out))
     assert cfg.model_dir == str(out) and tokenizer.kind == "wordpiece"
+
+    # The console scripts on the output, at once: tfdp-eval scores the 40
+    # examples training scored last, with the same figures; tfdp-generate
+    # completes them into a JSONL file, in order.
+    scored = tmp_path / "scored.jsonl"
+    scored.write_text("".join(eval_file.read_text().splitlines(keepends=True)[:40]))
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    procs = [subprocess.Popen([str(BIN / "tfdp-eval"), f"--model_dir={out}",
+                               f"--data={scored}", "--max_new_tokens=3", "--json"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env),
+             subprocess.Popen([str(BIN / "tfdp-generate"), f"--model_dir={out}",
+                               f"--input={scored}", f"--output={tmp_path / 'done.jsonl'}",
+                               "--sampler=greedy", "--max_length=3"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)]
+    try:
+        (ev_out, ev_err), (gen_out, gen_err) = (p.communicate(timeout=300) for p in procs)
+    finally:
+        for proc in procs:
+            proc.kill()
+    assert procs[0].returncode == 0, ev_err
+    scores = json.loads(ev_out.strip().splitlines()[-1])
+    assert scores["examples"] == 40 and scores["step"] == 90
+    for key in ("bleu", "chrf", "exact_match", "f1", "accuracy"):
+        assert scores[key] == pytest.approx(metrics[f"eval_{key}"], abs=1e-9), key
+    assert procs[1].returncode == 0, gen_err
+    assert "wrote 40 completions" in gen_out
+    done = [json.loads(line) for line in (tmp_path / "done.jsonl").read_text().splitlines()]
+    asked = [json.loads(line) for line in scored.read_text().splitlines()]
+    assert [d["prompt"] for d in done] == [a["prompt"] for a in asked]
+    hits = sum(d["completion"].strip() == a["completion"].strip() for d, a in zip(done, asked))
+    assert 100 * hits / 40 == pytest.approx(scores["accuracy"])

@@ -3,7 +3,7 @@ and workers.
 
     prompts -> shards (example i to replica i mod R, over all workers)
     -> each local replica decodes its shard in batches on its own device
-       (a plain copy of the weights; threads, so GPUs decode at once)
+       (a plain copy of the weights)
     -> one SUM all-reduce of the [n, max_new_tokens] token table through
        the strategy: every worker holds every completion, in input order
 
@@ -21,8 +21,6 @@ A prompt (EOT first, as in training) longer than the window minus
 """
 
 from __future__ import annotations
-
-import threading
 
 import keras_hub
 import numpy as np
@@ -60,58 +58,64 @@ def decode(model, prompts: list[list[int]], max_new_tokens: int, step, seq_len: 
     return out
 
 
-def complete(strategy, cfg, weights, tokenizer, prompts: list[str], max_new_tokens: int,
-             sampler_fn, batch_size: int = 16) -> list[str]:
-    """The completion of every prompt, in order, decoded data-parallel over
-    `strategy`'s replicas (all workers call this with the same prompts and
-    get the same texts). `cfg` shapes the model, `weights` are its
-    get_weights(); `sampler_fn()` makes one keras-hub sampler per replica."""
-    from tfdp.generate import generation_step
+class Decoder:
+    """A plain copy of the model on each local replica's device with its
+    generation step, made once (tracing takes seconds) and reused by every
+    call: `decoder(weights, prompts, max_new_tokens)` -> completions.
 
-    seq_len, eot = cfg.seq_len, tokenizer.eot_id
-    max_new_tokens = max(1, min(max_new_tokens, seq_len - 1))
-    encoded = _encode(tokenizer, prompts, seq_len - max_new_tokens)
-    devices = list(strategy.extended.worker_devices)
-    ids = strategy.experimental_local_results(
-        strategy.experimental_distribute_values_from_function(
-            lambda ctx: tf.constant(ctx.replica_id_in_sync_group)))
-    replica_ids = [int(i.numpy()) for i in ids]
-    replicas = strategy.num_replicas_in_sync
-    tables: dict[int, np.ndarray] = {}
-    errors: list[BaseException] = []
+    `cfg` shapes the model; `sampler_fn()` makes one keras-hub sampler per
+    replica. All workers call it with the same prompts and get the same
+    texts. Within a worker the replicas decode their shares one after
+    another (Keras builds and traces models unsafely across threads);
+    workers decode at the same time.
+    """
 
-    def run(device: str, replica: int) -> None:
-        try:
+    def __init__(self, strategy, cfg, tokenizer, sampler_fn, batch_size: int = 16):
+        from tfdp.generate import generation_step
+
+        self.strategy, self.cfg, self.tokenizer = strategy, cfg, tokenizer
+        ids = strategy.experimental_local_results(
+            strategy.experimental_distribute_values_from_function(
+                lambda ctx: tf.constant(ctx.replica_id_in_sync_group)))
+        self.replica_ids = [int(i.numpy()) for i in ids]
+        self.models, self.steps, self.batch_sizes = [], [], []
+        for device in strategy.extended.worker_devices:
             with tf.device(device):
                 model = build_model(cfg, tokenizer.vocab_size)
-                model.set_weights(weights)
-                sampler = sampler_fn()
-                step = generation_step(model, sampler, eot)
-                mine = list(range(replica, len(encoded), replicas))
-                # keras-hub's BeamSampler couples a batch's rows (every row
-                # starts at the shortest prompt's end, and all run until all
-                # have stopped, which re-ranks beams that ended): one prompt
-                # per call keeps each completion its own.
-                size = 1 if isinstance(sampler, keras_hub.samplers.BeamSampler) else batch_size
-                texts = decode(model, [encoded[i] for i in mine], max_new_tokens, step,
-                               seq_len, eot, size)
+            sampler = sampler_fn()
+            self.models.append(model)
+            self.steps.append(generation_step(model, sampler, tokenizer.eot_id))
+            # keras-hub's BeamSampler couples a batch's rows (every row starts
+            # at the shortest prompt's end, and all run until all have
+            # stopped, which re-ranks beams that ended): one prompt per call
+            # keeps each completion its own.
+            beam = isinstance(sampler, keras_hub.samplers.BeamSampler)
+            self.batch_sizes.append(1 if beam else batch_size)
+
+    def __call__(self, weights, prompts: list[str], max_new_tokens: int) -> list[str]:
+        seq_len, eot = self.cfg.seq_len, self.tokenizer.eot_id
+        max_new_tokens = max(1, min(max_new_tokens, seq_len - 1))
+        encoded = _encode(self.tokenizer, prompts, seq_len - max_new_tokens)
+        replicas = self.strategy.num_replicas_in_sync
+        tables = {}
+        for replica, model, step, size in zip(self.replica_ids, self.models, self.steps,
+                                              self.batch_sizes):
+            model.set_weights(weights)
+            mine = list(range(replica, len(encoded), replicas))
+            rows = decode(model, [encoded[i] for i in mine], max_new_tokens, step, seq_len,
+                          eot, size)
             # Token + 1, so 0 marks "no token" and the tables add up.
             table = np.zeros([len(encoded), max_new_tokens], np.int32)
-            for i, row in zip(mine, texts):
+            for i, row in zip(mine, rows):
                 table[i, :len(row)] = np.asarray(row, np.int32) + 1
             tables[replica] = table
-        except BaseException as err:  # noqa: BLE001 (re-raised in the caller)
-            errors.append(err)
+        table = tables[self.replica_ids[0]]
+        if replicas > 1:  # gather every replica's rows: one all-reduce, TensorFlow's own
+            table = self._gather(tables)
+        return [self.tokenizer.decode([int(t) - 1 for t in row if t > 0]) for row in table]
 
-    threads = [threading.Thread(target=run, args=(d, r)) for d, r in zip(devices, replica_ids)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
-    table = tables[replica_ids[0]]
-    if replicas > 1:  # gather every replica's rows: one all-reduce, TensorFlow's own
+    def _gather(self, tables: dict) -> np.ndarray:
+        strategy = self.strategy
         values = strategy.experimental_distribute_values_from_function(
             lambda ctx: tf.constant(tables[ctx.replica_id_in_sync_group]))
 
@@ -119,6 +123,50 @@ def complete(strategy, cfg, weights, tokenizer, prompts: list[str], max_new_toke
         def gather(values):
             return strategy.run(lambda v: tf.distribute.get_replica_context().all_reduce(
                 tf.distribute.ReduceOp.SUM, v), args=(values,))
-        table = strategy.experimental_local_results(gather(values))[0].numpy()
-    return [tokenizer.decode([int(t) - 1 for t in row if t > 0]) for row in table]
+        return strategy.experimental_local_results(gather(values))[0].numpy()
 
+
+def complete(strategy, cfg, weights, tokenizer, prompts: list[str], max_new_tokens: int,
+             sampler_fn, batch_size: int = 16) -> list[str]:
+    """The completion of every prompt, in order, by a one-off Decoder."""
+    return Decoder(strategy, cfg, tokenizer, sampler_fn, batch_size)(weights, prompts,
+                                                                      max_new_tokens)
+
+
+def complete_file(model_dir: str, input_spec: str, output: str, prompt_template: str,
+                  max_new_tokens: int, sampler_fn, batch_size: int, strategy,
+                  log=print) -> int:
+    """tfdp-generate --input: every record of `input_spec` (JSONL, CSV or a
+    TFDS split) completed by the newest readable checkpoint of `model_dir`,
+    written to the JSONL file `output` as the record plus "completion", in
+    input order, atomically (the chief writes it). Returns the count."""
+    import dataclasses
+    import json
+    import os
+
+    from tfdp.atomic import write_text
+    from tfdp.completiondata import render
+    from tfdp.errors import UserError
+    from tfdp.records import read_records
+    from tfdp.restore import load_run, restore_weights
+    from tfdp.strategy import is_chief
+
+    output = os.path.abspath(os.path.expanduser(output))
+    if os.path.lexists(output):
+        raise UserError(f"--output={output} exists; choose a new file (nothing is overwritten)")
+    if not os.path.isdir(os.path.dirname(output)):
+        raise UserError(f"--output={output}: its directory does not exist; create it first")
+    cfg, tokenizer, model_dir = load_run(model_dir)
+    records = read_records(input_spec, "test", "--input")
+    prompts = render(records, prompt_template, "").prompts
+    plain = dataclasses.replace(cfg, mixed_precision="off")
+    model = build_model(plain, tokenizer.vocab_size)
+    checkpoint = restore_weights(model, model_dir)
+    texts = complete(strategy, plain, model.get_weights(), tokenizer, prompts, max_new_tokens,
+                     sampler_fn, batch_size)
+    if is_chief(strategy):
+        write_text(output, "".join(json.dumps({**row, "completion": text}, ensure_ascii=False)
+                                   + "\n" for row, text in zip(records.rows, texts)))
+        log(f"wrote {len(texts):,} completions of {records.what} to {output} ({checkpoint}, "
+            f"{strategy.num_replicas_in_sync} replica(s))")
+    return len(texts)

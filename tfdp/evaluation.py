@@ -11,6 +11,11 @@ and the order of the sums).
 
 Training validates the same way (tfdp.runner.evaluate_task with the
 language-model task); `tfdp-eval` runs `evaluate`.
+
+A prompt -> completion fine-tune (or any run, given templates) is scored
+on what it generates instead (`score_completions`): the examples' prompts
+decoded data-parallel (tfdp/decoding.py) and the texts scored against
+their references (tfdp/textmetrics.py), as training's evaluations do.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from tfdp.errors import UserError
 from tfdp.prepare import is_prepared, load_manifest, prepare, write_prepared
 from tfdp.recipes.tfds_text import TfdsText, is_tfds
 from tfdp.restore import load_run, restore_weights
-from tfdp.rundir import same_files
+from tfdp.rundir import read_json, same_files
 from tfdp.runner import evaluate_task
 from tfdp.step import default_jit_compile, make_eval_step
 from tfdp.tasks.language_model import LanguageModelTask
@@ -92,6 +97,62 @@ def evaluate(model_dir: str, data: str | None = None, split: str = "val", batch_
             f"{result['bits_per_byte']:.6f} | {result['tokens_scored']:,} tokens in "
             f"{windows.num_windows:,} windows of {cfg.seq_len} | checkpoint of step "
             f"{result['step']} | {replicas} replica(s)")
+    return result
+
+
+def completion_templates(model_dir: str) -> dict | None:
+    """The templates of the completion fine-tune that wrote `model_dir`
+    (its finetune.json), or None for any other run."""
+    saved = read_json(os.path.join(os.path.abspath(os.path.expanduser(model_dir)),
+                                   "finetune.json"))
+    if saved.get("task") != "completion":
+        return None
+    return {k: saved[k] for k in ("prompt_template", "completion_template")}
+
+
+def score_completions(model_dir: str, data: str, prompt_template: str | None = None,
+                      completion_template: str | None = None, split: str = "test",
+                      max_new_tokens: int = 32, sampler: str = "greedy", num_beams: int = 4,
+                      batch_size: int = 16, strategy_name: str = "auto",
+                      num_cpu_replicas: int = 2, log=print, as_json: bool = False,
+                      tfds_options: dict | None = None, collective: str = "auto",
+                      allow_cpu: bool = False) -> dict:
+    """BLEU, chrF, exact match, F1 (and accuracy for label words) of the
+    completions the newest readable checkpoint of `model_dir` writes for
+    the examples in `data` (JSONL, CSV or a TFDS split; templates default
+    to the fine-tune's own)."""
+    from tfdp.completiondata import read_completions
+    from tfdp.tasks.completion import Scoring, decoder, score
+
+    saved = completion_templates(model_dir) or {"prompt_template": "{prompt}",
+                                               "completion_template": "{completion}"}
+    prompt_template = prompt_template or saved["prompt_template"]
+    completion_template = completion_template or saved["completion_template"]
+    run_cfg = Config.load(os.path.abspath(os.path.expanduser(model_dir))) or Config()
+    strategy = build_strategy(strategy_name, num_cpu_replicas,
+                              collective_timeout=run_cfg.collective_timeout,
+                              collective=collective, allow_cpu=allow_cpu)
+    cfg, tokenizer, model_dir = load_run(model_dir)
+    options = tfds_options or {}
+    examples = read_completions(data, prompt_template, completion_template, split, "--data",
+                                options.get("data_dir"), options.get("download", False))
+    plain = dataclasses.replace(cfg, mixed_precision="off")
+    model = LanguageModelTask(plain, tokenizer.vocab_size).build_model()
+    checkpoint = restore_weights(model, model_dir)
+    scoring = Scoring(examples.prompts, examples.references, tokenizer, max_new_tokens,
+                      sampler, num_beams, batch_size)
+    texts = decoder(plain, scoring, strategy)(model.get_weights(), examples.prompts,
+                                              max_new_tokens)
+    result = {**score(texts, scoring),
+              "examples": len(examples.prompts), "data": examples.what,
+              "step": int(os.path.basename(checkpoint).split("-")[-1])}
+    if is_chief(strategy) and as_json:
+        log(json.dumps(result))
+    elif is_chief(strategy):
+        shown = " | ".join(f"{k.replace('_', ' ')} {result[k]:.2f}" for k in
+                           ("bleu", "chrf", "exact_match", "f1", "accuracy") if k in result)
+        log(f"{examples.what}: {shown} | {len(examples.prompts):,} examples | {sampler} | "
+            f"checkpoint of step {result['step']} | {strategy.num_replicas_in_sync} replica(s)")
     return result
 
 

@@ -1,10 +1,12 @@
 """tfdp-eval: loss, perplexity and bits per byte of a trained model over a
-whole split, data-parallel like training."""
+whole split, data-parallel like training; or, for a prompt -> completion
+fine-tune (or with templates), BLEU, chrF, exact match and F1 of what it
+generates for a split of examples."""
 
 from absl import flags
 
 from trainer import cli
-from trainer.flags import FLAGS, define_strategy_flags, define_tfds_flags
+from trainer.flags import FLAGS, define_strategy_flags, define_tfds_flags, unescape
 
 flags.DEFINE_string("model_dir", None, "A directory written by tfdp-train.", required=True)
 flags.DEFINE_string("data", None,
@@ -16,18 +18,37 @@ flags.DEFINE_enum("split", "val", ["train", "val"], "Split of a prepared --data 
 flags.DEFINE_integer("batch_size", 0,
                      "Windows per step over all replicas; 0: the run's --global_batch_size.")
 flags.DEFINE_bool("json", False, "Print the figures as one JSON object instead.")
+flags.DEFINE_string("prompt_template", None, "Score generated completions of the examples in "
+                    "--data (JSONL, CSV or tfds:NAME[:SPLIT], split default test) with this "
+                    "prompt template (\\n is a newline). Default: a completion fine-tune's own "
+                    "templates; other runs are scored on loss unless a template is given.")
+flags.DEFINE_string("completion_template", None, "The references' template, as "
+                    "--prompt_template.")
+flags.DEFINE_integer("max_new_tokens", 32, "Scoring completions: most tokens per example.")
+flags.DEFINE_enum("sampler", "greedy", ["greedy", "beam"], "Scoring completions: decoding.")
+flags.DEFINE_integer("num_beams", 4, "Scoring completions with --sampler=beam: beams.")
 define_strategy_flags()
 define_tfds_flags()
 
 
 def main() -> None:
-    from tfdp.evaluation import evaluate
+    from tfdp.evaluation import completion_templates, evaluate, score_completions
 
+    options = {"text_feature": FLAGS.text_feature, "data_dir": FLAGS.tfds_data_dir,
+               "download": FLAGS.tfds_download}
+    templates = FLAGS.prompt_template or FLAGS.completion_template
+    if FLAGS.data and (templates or completion_templates(FLAGS.model_dir)
+                       or FLAGS.data.endswith((".jsonl", ".json"))):
+        score_completions(FLAGS.model_dir, FLAGS.data, unescape(FLAGS.prompt_template),
+                          unescape(FLAGS.completion_template), "test", FLAGS.max_new_tokens,
+                          FLAGS.sampler, FLAGS.num_beams, FLAGS.batch_size or 16,
+                          FLAGS.strategy, FLAGS.num_cpu_replicas, as_json=FLAGS.json,
+                          tfds_options=options, collective=FLAGS.collective,
+                          allow_cpu=FLAGS.allow_cpu)
+        return
     evaluate(FLAGS.model_dir, FLAGS.data, FLAGS.split, FLAGS.batch_size, FLAGS.strategy,
              FLAGS.num_cpu_replicas, as_json=FLAGS.json,
-             tfds_options={"text_feature": FLAGS.text_feature,
-                           "data_dir": FLAGS.tfds_data_dir, "download": FLAGS.tfds_download},
-             collective=FLAGS.collective, allow_cpu=FLAGS.allow_cpu)
+             tfds_options=options, collective=FLAGS.collective, allow_cpu=FLAGS.allow_cpu)
 
 
 def run() -> None:

@@ -4,7 +4,7 @@ data-parallel like training."""
 from absl import flags
 
 from trainer import cli
-from trainer.flags import FLAGS, define_loop_flags, define_strategy_flags
+from trainer.flags import FLAGS, define_loop_flags, define_strategy_flags, unescape
 
 flags.DEFINE_string("model_dir", None, "A directory written by tfdp-train (its latest "
                     "checkpoint is the starting point).", required=True)
@@ -74,8 +74,8 @@ def main() -> None:
     from tfdp.config import FinetuneConfig
 
     values = {f.name: FLAGS[f.name].value for f in dataclasses.fields(FinetuneConfig)}
-    for name in ("prompt_template", "completion_template"):  # a shell passes \n as 2 characters
-        values[name] = values[name].replace("\\n", "\n").replace("\\t", "\t")
+    for name in ("prompt_template", "completion_template"):
+        values[name] = unescape(values[name])
     fc = FinetuneConfig(**values).validate()
     from tfdp.callbacks import from_factories  # TensorFlow loads from here on
     from tfdp.finetuning import finetune

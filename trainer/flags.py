@@ -192,3 +192,9 @@ def config_from_flags() -> Config:
         given = {f.name for f in dataclasses.fields(Config) if FLAGS[f.name].present}
         cfg = resolve(cfg, given)[0]
     return cfg
+
+
+def unescape(template: str | None) -> str | None:
+    """A template flag with \\n and \\t as a shell passes them (two
+    characters) made a newline and a tab."""
+    return None if template is None else template.replace("\\n", "\n").replace("\\t", "\t")

@@ -64,17 +64,19 @@ class Scoring:
         return len(distinct) <= min(20, len(self.references) // 2)
 
 
-def score(model_cfg, weights, scoring: Scoring, strategy) -> dict:
-    """Decode the scoring prompts data-parallel and score them."""
-    from tfdp.decoding import complete
-    from tfdp.generate import make_sampler
+def score(texts: list[str], scoring: Scoring) -> dict:
+    """The scores of decoded `texts` against the scoring references."""
     from tfdp.textmetrics import text_scores
-
-    texts = complete(strategy, model_cfg, weights, scoring.tokenizer, scoring.prompts,
-                     scoring.max_new_tokens,
-                     lambda: make_sampler(scoring.sampler, num_beams=scoring.num_beams),
-                     scoring.batch_size)
     return text_scores(texts, scoring.references, labels=scoring.label_words)
+
+
+def decoder(model_cfg, scoring: Scoring, strategy):
+    """A tfdp.decoding.Decoder for `scoring`'s sampler."""
+    from tfdp.decoding import Decoder
+    from tfdp.generate import make_sampler
+    return Decoder(strategy, model_cfg, scoring.tokenizer,
+                   lambda: make_sampler(scoring.sampler, num_beams=scoring.num_beams),
+                   scoring.batch_size)
 
 
 class CompletionTask(Task):
@@ -89,7 +91,7 @@ class CompletionTask(Task):
                  train: Windows, evaluation: Windows, scoring: Scoring | None = None):
         self.cfg, self.vocab_size, self.seq_len, self.seed = cfg, vocab_size, seq_len, seed
         self.pretrained_dir, self.train, self.evaluation = pretrained_dir, train, evaluation
-        self.scoring = scoring
+        self.scoring, self.decoder = scoring, None
         self.pretrained_checkpoint: str | None = None  # set by initialize()
 
     def build_model(self) -> keras.Model:
@@ -158,8 +160,12 @@ class CompletionTask(Task):
     def generated_metrics(self, model, strategy) -> dict:
         if self.scoring is None or not self.scoring.prompts:
             return {}
-        plain = dataclasses.replace(self.cfg, mixed_precision="off")
-        return score(plain, model.get_weights(), self.scoring, strategy)
+        if self.decoder is None:  # made once: its models and traced steps serve every evaluation
+            self.decoder = decoder(dataclasses.replace(self.cfg, mixed_precision="off"),
+                                   self.scoring, strategy)
+        texts = self.decoder(model.get_weights(), self.scoring.prompts,
+                             self.scoring.max_new_tokens)
+        return score(texts, self.scoring)
 
     def eval_metrics(self, sums) -> dict:
         count = max(float(sums[1]), 1.0)

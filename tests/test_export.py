@@ -17,7 +17,7 @@ from tfdp.export import TFDP_TOKENIZER_DIR, export
 from tfdp.model import logits
 from tfdp.restore import load_trained
 from tfdp.training import train
-from test_training import TINY
+from test_training import MIRRORED
 
 # Text the tokenizers must agree on: non-ASCII letters, CJK, an emoji,
 # runs of spaces, tabs and blank lines.
@@ -32,7 +32,7 @@ def _train(root, tokenizer: str, steps: int, **extra):
     run = root / "run"
     train(Config(data=str(text), model_dir=str(run), train_steps=steps, eval_every=steps,
                  checkpoint_every=steps, val_fraction=0.2, tokenizer=tokenizer, **extra,
-                 **TINY), log=lambda *_: None)
+                 **MIRRORED), log=lambda *_: None)
     return run
 
 

@@ -23,9 +23,9 @@ from tfdp.config import Config
 from tfdp.errors import UserError
 from tfdp.restore import load_trained
 from tfdp.training import train
-from test_training import TINY
+from test_training import MIRRORED
 
-COMMON = dict(train_steps=10, eval_every=5, checkpoint_every=5, **TINY)
+COMMON = dict(train_steps=10, eval_every=5, checkpoint_every=5, **MIRRORED)
 
 
 class _Poison(keras.callbacks.Callback):

@@ -424,8 +424,10 @@ def test_an_interrupted_fine_tune_with_other_flags_is_not_resumed(pretrained, na
 
 def test_completion_learns_label_words_and_its_output_is_a_run(pretrained, tmp_path):
     """--task=completion on JSONL (TRL's prompt/completion fields), packed,
-    2 replicas: the loss on the completions falls by half; output_dir is a tfdp run that load_trained (and
-    so generate, eval, export) reads."""
+    2 replicas: the loss on the completions falls by half, every evaluation
+    scores decoded text; output_dir is a tfdp run that load_trained (and so
+    generate, eval, export) reads, and the console scripts agree with
+    training's figures."""
     from tfdp.restore import load_trained
 
     def jsonl(path, rows):  # label words of one token each in the run's WordPiece vocabulary

@@ -20,10 +20,15 @@ from tfdp.training import train
 # compiled step leave it off (it is on in test_step, the default-corpus run,
 # the resume-equivalence run and the CLI tests). The report and the
 # TensorBoard graph (seconds each) are left to the tests about them
-# (test_report, the Keras-callbacks test below, the CLI tests).
+# (test_report, the Keras-callbacks test below, the CLI tests). One device:
+# a tiny step under MirroredStrategy on 2 logical CPUs takes ~1.6x as long,
+# so runs whose subject is not the replicas leave them to the tests that
+# are (test_step, test_faults, the resume and steps-per-loop equivalences
+# below, test_export, the fine-tunes, the multi-worker tests).
 TINY = dict(num_layers=1, num_heads=2, hidden_dim=32, intermediate_dim=64, seq_len=32,
             global_batch_size=8, warmup_steps=5, log_every=1000, sample_tokens=0,
-            jit_compile=False, report=False, tensorboard_graph=False)
+            jit_compile=False, report=False, tensorboard_graph=False, strategy="one_device")
+MIRRORED = {**TINY, "strategy": "mirrored"}
 
 
 def _quiet(*_):
@@ -159,7 +164,7 @@ def test_interrupted_then_resumed_run_equals_a_straight_one(tmp_path, text_file)
     hand-written one."""
     import numpy as np
     common = dict(data=str(text_file), train_steps=40, eval_every=10, checkpoint_every=10,
-                  learning_rate=1e-2, **{**TINY, "dropout": 0.1})
+                  learning_rate=1e-2, **{**MIRRORED, "dropout": 0.1})
     straight = train(Config(model_dir=str(tmp_path / "straight"), **common), log=_quiet)
     crashed = str(tmp_path / "crashed")
     with pytest.raises(KeyboardInterrupt):
@@ -321,7 +326,7 @@ def test_steps_per_loop_trains_the_same_and_callbacks_see_every_step(tmp_path, t
     the same weights, learning rates and losses as one step per call."""
     import numpy as np
     common = dict(data=str(text_file), train_steps=12, eval_every=6, checkpoint_every=4,
-                  **TINY)
+                  **MIRRORED)
     runs = {}
     for per_loop in (1, 5):
         recorder = Recorder()

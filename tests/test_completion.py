@@ -249,3 +249,85 @@ def test_eval_sums_ignore_padding_and_prompts(one_device):
     metrics = task.eval_metrics(sums)
     assert set(metrics) == {"loss", "perplexity", "token_accuracy"}
     assert 0 <= metrics["token_accuracy"] <= 1 and metrics["loss"] > 0
+
+
+# --- TFDS: datasets shaped like wmt14_translate, squad and glue/sst2 --------
+
+
+@pytest.fixture(scope="module")
+def tfds_dir(tmp_path_factory):
+    """Three datasets written by local builders (no network) with the
+    features of wmt14_translate/de-en, squad and glue/sst2."""
+    import tensorflow_datasets as tfds
+
+    class TfdpToyWmt(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.Translation(
+                languages=("de", "en")))
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples()}
+
+        def _generate_examples(self):
+            for i, (de, en) in enumerate([("Hallo Welt", "hello world"), ("ja", "yes")]):
+                yield i, {"de": de, "en": en}
+
+    class TfdpToySquad(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+                "id": tfds.features.Text(), "context": tfds.features.Text(),
+                "question": tfds.features.Text(),
+                "answers": tfds.features.Sequence({"text": tfds.features.Text(),
+                                                   "answer_start": np.int32})}))
+
+        def _split_generators(self, dl_manager):
+            return {"validation": self._generate_examples()}
+
+        def _generate_examples(self):
+            yield "q0", {"id": "q0", "context": "Paris is in France.",
+                         "question": "Where is Paris?",
+                         "answers": {"text": ["France", "in France"], "answer_start": [12, 9]}}
+
+    class TfdpToySst2(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+                "sentence": tfds.features.Text(),
+                "label": tfds.features.ClassLabel(names=["negative", "positive"])}))
+
+        def _split_generators(self, dl_manager):
+            return {"validation": self._generate_examples([1, 0]),
+                    "test": self._generate_examples([-1, -1])}  # as glue writes its test splits
+
+        def _generate_examples(self, labels):
+            for i, label in enumerate(labels):
+                yield i, {"sentence": f"sentence {i}", "label": label}
+
+    root = tmp_path_factory.mktemp("tfds_completion")
+    tfds.disable_progress_bar()
+    for builder in (TfdpToyWmt, TfdpToySquad, TfdpToySst2):
+        builder(data_dir=str(root)).download_and_prepare()
+    return str(root)
+
+
+def test_wmt_squad_and_sst2_shaped_tfds_splits(tfds_dir):
+    wmt = read_completions("tfds:tfdp_toy_wmt", "German: {de}\nEnglish:", " {en}", "train",
+                           "--train", tfds_data_dir=tfds_dir)
+    assert wmt.prompts == ["German: Hallo Welt\nEnglish:", "German: ja\nEnglish:"]
+    assert wmt.completions == [" hello world", " yes"]
+    squad = read_completions("tfds:tfdp_toy_squad:validation", "{context}\nQ: {question}\nA:",
+                             " {answers/text}", "train", "--eval", tfds_data_dir=tfds_dir)
+    assert squad.prompts == ["Paris is in France.\nQ: Where is Paris?\nA:"]
+    assert squad.references == [[" France", " in France"]]
+    sst2 = read_completions("tfds:tfdp_toy_sst2:validation", "{sentence}\nSentiment:",
+                            " {label}", "train", "--eval", tfds_data_dir=tfds_dir)
+    assert sst2.completions == [" positive", " negative"]
+    with pytest.raises(UserError, match=r"example 0 of tfds:tfdp_toy_sst2:test has label -1; "
+                                        r"the split is unlabelled"):
+        read_completions("tfds:tfdp_toy_sst2:test", "{sentence}", " {label}", "train",
+                         "--eval", tfds_data_dir=tfds_dir)

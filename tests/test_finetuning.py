@@ -490,3 +490,39 @@ def test_completion_learns_label_words_and_its_output_is_a_run(pretrained, tmp_p
     assert [d["prompt"] for d in done] == [a["prompt"] for a in asked]
     hits = sum(d["completion"].strip() == a["completion"].strip() for d, a in zip(done, asked))
     assert 100 * hits / 40 == pytest.approx(scores["accuracy"])
+
+
+def test_interrupted_completion_fine_tune_resumes_to_the_same_weights(pretrained, tmp_path):
+    """A completion fine-tune that dies at step 7 (last checkpoint: 5) and is
+    rerun with the same command ends with the weights of one that ran
+    straight: the Runner's resume (windows, order and optimizer state) holds
+    for this task too. SIGTERM -> exit 75 is the Runner's, shown end to end
+    by the killed-and-preempted test."""
+    import keras
+
+    from tfdp.restore import load_trained
+
+    class Crash(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if batch + 1 == 7:
+                raise KeyboardInterrupt
+
+    rows = sentences(TRAIN_TEMPLATES, 120, 7)
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"prompt": t, "completion": (" bad", " good")[y]}) + "\n"
+                            for t, y in rows), encoding="utf-8")
+    common = dict(task="completion", train_steps=12, checkpoint_every=5, eval_every=12,
+                  score_examples=0)
+    finetune(job(pretrained, data, data, tmp_path / "straight", **common), log=quiet)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(job(pretrained, data, data, tmp_path / "crashed", **common),
+                 callbacks=[Crash()], log=quiet)
+    lines = []
+    resumed = finetune(job(pretrained, data, data, tmp_path / "crashed", **common),
+                       log=lines.append)
+    assert any("resumed from step 5" in line for line in lines), lines
+    assert resumed["step"] == 12
+    a = load_trained(str(tmp_path / "straight"))[0].get_weights()
+    b = load_trained(str(tmp_path / "crashed"))[0].get_weights()
+    worst = max(float(np.max(np.abs(x - y))) for x, y in zip(a, b))
+    assert worst < 1e-5, worst

@@ -33,6 +33,7 @@ _API = {
     "Task": ("tfdp.tasks", "Task"),
     "LanguageModelTask": ("tfdp.tasks.language_model", "LanguageModelTask"),
     "ClassificationTask": ("tfdp.tasks.classification", "ClassificationTask"),
+    "CompletionTask": ("tfdp.tasks.completion", "CompletionTask"),
     "UserError": ("tfdp.errors", "UserError"),
 }
 

@@ -95,6 +95,8 @@ def test_class_label_fields_become_label_words():
     ('{"prompt": "a", "completion": "b"}\n', "{completion", "is not a valid template"),
     ('{"prompt": "a", "answers": {"text": []}}\n', "{answers/text}",
      "has an empty 'answers/text'"),
+    ('{"prompt": "a", "completion": "b"}\n', "{completion:d}",
+     "cannot be filled from line 1 of"),
 ])
 def test_bad_examples_and_templates_are_one_line(tmp_path, content, template, message):
     path = tmp_path / "bad.jsonl"
@@ -134,9 +136,14 @@ def test_long_prompts_lose_their_start_and_are_counted():
     assert got.prompts_cut == 2 and got.completions_cut == 1
     first = got.tokens[0]
     assert len(first) == SEQ + 1 and tok.decode(first) == long_prompt[-(SEQ - 4):] + "END"
-    # A completion longer than the window keeps its start, after EOT + no prompt.
+    # A completion longer than the window keeps its start, after EOT and no
+    # prompt, and has no closing EOT: it did not end there.
     second = got.tokens[1]
-    assert len(second) == SEQ + 1 and tok.decode(second) == "x" * (SEQ - 1)
+    assert len(second) == SEQ + 1 and tok.decode(second) == "x" * SEQ
+    assert second[0] == tok.eot_id and tok.eot_id not in second[1:]
+    w = windows(got, SEQ, pack=False)
+    assert w.weights[1].tolist() == [1.0] * SEQ  # every target is an "x"
+    assert w.weights[0, -4:].tolist() == [1.0] * 4 and w.weights[0].sum() == 4  # E, N, D, EOT
 
 
 def test_packing_fills_windows_in_order():
@@ -148,6 +155,9 @@ def test_packing_fills_windows_in_order():
     assert len(alone) == 3 and len(packed) == 2
     assert packed.segments[0, :11].tolist() == [1] * 5 + [2] * 6
     assert packed.positions[0, 5:11].tolist() == list(range(6))
+    # Example 1 (EOT a b c EOT) at 0..4: inputs 2, 3 predict c, EOT; example
+    # 2 (EOT d e f g EOT) at 5..10: inputs 7, 8, 9 predict f, g, EOT.
+    assert np.flatnonzero(packed.weights[0]).tolist() == [2, 3, 7, 8, 9]
     assert packed.weights.sum() == alone.weights.sum() == 2 + 3 + 2
     assert packed.loss_fraction > alone.loss_fraction
 

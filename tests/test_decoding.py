@@ -63,8 +63,8 @@ def test_beam_search_decodes_through_the_same_path(weights, mirrored, one_device
 
 def test_long_prompts_keep_their_end():
     """A prompt longer than the window minus the tokens to generate loses its
-    start (as fine-tuning cuts it), EOT first."""
+    start after the EOT, as fine-tuning cuts it."""
     from tfdp.decoding import _encode
     tok = ByteTokenizer()
     got = _encode(tok, ["abcdefghij", "ab"], keep=5)
-    assert got == [[ord(c) for c in "fghij"], [tok.eot_id, ord("a"), ord("b")]]
+    assert got == [[tok.eot_id] + [ord(c) for c in "ghij"], [tok.eot_id, ord("a"), ord("b")]]

@@ -232,7 +232,8 @@ def _bad_inputs(tmp_path, run, good):
          "has a single class \\('positive'\\); a classifier needs at least two"),
         (dict(eval=bad("unseen.csv", [("a", "neutral")])),
          "line 2 of .*unseen.csv has label 'neutral', which the training data never uses"),
-        (dict(task="regression"), "--task='regression' is unknown; use one of classification, completion"),
+        (dict(task="regression"),
+         "--task='regression' is unknown; use one of classification, completion"),
         (dict(global_batch_size=3), "--global_batch_size=3 is not divisible by the 2 replicas"),
         (dict(model_dir=str(no_checkpoint)), "has no checkpoint yet"),
         (dict(seq_len=1000), "--seq_len=1000 exceeds the model's seq_len=32"),
@@ -442,10 +443,10 @@ def test_completion_learns_label_words_and_its_output_is_a_run(pretrained, tmp_p
                            max_new_tokens=3), log=quiet)
     history = metrics["history"]
     # Every evaluation also scored 40 decoded completions; label words, so
-    # accuracy too (percentages).
+    # accuracy too (a fraction; the others are percentages).
     for h in history:
         assert {"eval_bleu", "eval_chrf", "eval_exact_match", "eval_f1", "eval_accuracy"} <= set(h)
-        assert 0 <= h["eval_accuracy"] <= 100 and 0 <= h["eval_f1"] <= 100
+        assert 0 <= h["eval_accuracy"] <= 1 and 0 <= h["eval_f1"] <= 100
     assert [h["step"] for h in history] == [30, 60, 90]
     assert history[-1]["eval_loss"] < 0.5 * history[0]["eval_loss"], history
     # Two targets per example carry loss, the label word and EOT; this
@@ -488,8 +489,9 @@ def test_completion_learns_label_words_and_its_output_is_a_run(pretrained, tmp_p
     done = [json.loads(line) for line in (tmp_path / "done.jsonl").read_text().splitlines()]
     asked = [json.loads(line) for line in scored.read_text().splitlines()]
     assert [d["prompt"] for d in done] == [a["prompt"] for a in asked]
-    hits = sum(d["completion"].strip() == a["completion"].strip() for d, a in zip(done, asked))
-    assert 100 * hits / 40 == pytest.approx(scores["accuracy"])
+    assert [d["completion"] for d in done] == [a["completion"] for a in asked]  # kept
+    hits = sum(d["generated"].strip() == a["completion"].strip() for d, a in zip(done, asked))
+    assert hits / 40 == pytest.approx(scores["accuracy"])
 
 
 def test_interrupted_completion_fine_tune_resumes_to_the_same_weights(pretrained, tmp_path):

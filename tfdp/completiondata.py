@@ -18,12 +18,14 @@ document as in pretraining (generation prompts the same way). The loss
 falls on the completion and its closing EOT only. An example longer than
 the window loses the START of its prompt (the part nearest the completion
 is what matters for it), and only if the completion alone does not fit,
-the end of its completion; both are counted.
+the end of its completion, which then has no closing EOT to learn (it did
+not end there); both are counted.
 
 Windows are the model's seq_len + 1 tokens with, per input position, the
 example it belongs to (segment, 0 for padding), its position inside that
 example and the weight of its target. `pack=True` puts several examples in
-one window: the attention mask (segment == segment) and the per-example
+one window (next-fit, in order: an example joins the last window if it
+fits): the attention mask (segment == segment) and the per-example
 positions make each example's logits exactly what they are alone
 (tfdp/model.py's segment_logits), so packing changes only the compute
 spent on padding.
@@ -86,19 +88,32 @@ def render(records: Records, prompt_template: str, completion_template: str) -> 
     for row, where in zip(records.rows, records.where):
         values = {name: _value(records, row, name, where) for name in
                   prompt_fields + completion_fields}
-        prompts.append(prompt_template.format_map(
-            {k: v[0] if isinstance(v, list) and v else v for k, v in values.items()}))
+        prompts.append(_fill(prompt_template, "--prompt_template", where,
+                             {k: v[0] if isinstance(v, list) and v else v
+                              for k, v in values.items()}))
         lists = {n: values[n] for n in completion_fields if isinstance(values[n], list)}
         if not lists:
-            references.append([completion_template.format_map(values)])
+            references.append([_fill(completion_template, "--completion_template", where,
+                                     values)])
             continue
         count = min(len(v) for v in lists.values())
         if count == 0:
             raise UserError(f"{where} has an empty {next(iter(lists))!r}: no completion to "
                             "learn or score; remove the example or fill the field")
-        references.append([completion_template.format_map(
-            {**values, **{n: v[i] for n, v in lists.items()}}) for i in range(count)])
+        references.append([_fill(completion_template, "--completion_template", where,
+                                 {**values, **{n: v[i] for n, v in lists.items()}})
+                           for i in range(count)])
     return Completions(records.what, prompts, references, records.where)
+
+
+def _fill(template: str, flag: str, where: str, values: dict) -> str:
+    """The template filled; a conversion or format spec that does not suit
+    the value ({x!z}, {x:d} on text) is one line naming the example."""
+    try:
+        return template.format_map(values)
+    except (ValueError, TypeError, IndexError, KeyError, AttributeError) as err:
+        raise UserError(f"{flag}={template!r} cannot be filled from {where} ({err}); write "
+                        "plain {name} fields") from None
 
 
 def _value(records: Records, row: dict, name: str, where: str):
@@ -127,8 +142,9 @@ def read_completions(spec: str, prompt_template: str, completion_template: str,
 
 @dataclasses.dataclass
 class Tokenized:
-    """Each example's tokens (EOT, prompt, completion, EOT) and the index of
-    its first completion token; how many prompts and completions were cut."""
+    """Each example's tokens (EOT, prompt, completion, EOT unless the
+    completion was cut), the index of its first completion token; how many
+    prompts and completions were cut."""
 
     tokens: list[np.ndarray]
     starts: list[int]
@@ -145,13 +161,15 @@ def tokenize(examples: Completions, tokenizer, seq_len: int) -> Tokenized:
     room = seq_len + 1  # tokens of a window: inputs are the first seq_len
     for prompt, completion in zip(prompts, completions):
         prompt, completion = list(prompt), list(completion)
-        # At least one completion token and its EOT, after EOT + prompt.
-        if len(completion) + 1 > room - 1:
-            completion, completions_cut = completion[:room - 2], completions_cut + 1
-        keep = room - 2 - len(completion)  # prompt tokens that fit
+        end = [eot]
+        if len(completion) + 2 > room:  # EOT + completion + EOT cannot fit
+            # Its start, after the leading EOT, and no closing EOT: the
+            # completion did not end there, so nothing learns to stop there.
+            completion, end, completions_cut = completion[:room - 1], [], completions_cut + 1
+        keep = room - 1 - len(completion) - len(end)  # prompt tokens that fit
         if len(prompt) > keep:
             prompt, prompts_cut = prompt[len(prompt) - keep:] if keep else [], prompts_cut + 1
-        tokens.append(np.asarray([eot, *prompt, *completion, eot], np.int32))
+        tokens.append(np.asarray([eot, *prompt, *completion, *end], np.int32))
         starts.append(1 + len(prompt))
     return Tokenized(tokens, starts, prompts_cut, completions_cut)
 
@@ -181,7 +199,7 @@ class Windows:
 
 def windows(tokenized: Tokenized, seq_len: int, pack: bool, order=None) -> Windows:
     """The examples (in `order`, default as given) one per window, or packed
-    first-fit in that order: an example joins the last window if it fits."""
+    next-fit in that order: an example joins the last window if it fits."""
     order = range(len(tokenized.tokens)) if order is None else order
     layout: list[list[int]] = []  # example indices per window
     used: list[int] = []

@@ -30,9 +30,19 @@ from tfdp.model import build_model
 
 
 def _encode(tokenizer, prompts: list[str], keep: int) -> list[list[int]]:
-    """[EOT] + each prompt's ids, the last `keep` of them."""
+    """[EOT] + each prompt's ids, at most `keep` tokens: a longer prompt
+    loses its start, after the EOT, as fine-tuning cuts it."""
     ids = tokenizer.encode([p.encode("utf-8") for p in prompts])
-    return [([tokenizer.eot_id] + list(map(int, row)))[-keep:] for row in ids]
+    tail = max(keep - 1, 0)
+    return [[tokenizer.eot_id] + (list(map(int, row))[-tail:] if tail else []) for row in ids]
+
+
+def _buffer(longest: int, max_new_tokens: int, seq_len: int) -> int:
+    """The batch's width: its longest prompt plus the tokens to generate,
+    rounded up to a multiple of 32 (few shapes, few traces), at most the
+    window. keras-hub generates until a row's stop token or the end of the
+    buffer, so a window-wide buffer would decode far past max_new_tokens."""
+    return min(seq_len, -(-(longest + max_new_tokens) // 32) * 32)
 
 
 def decode(model, prompts: list[list[int]], max_new_tokens: int, step, seq_len: int,
@@ -43,9 +53,10 @@ def decode(model, prompts: list[list[int]], max_new_tokens: int, step, seq_len: 
     out: list[list[int]] = []
     for first in range(0, len(prompts), batch_size):
         batch = prompts[first:first + batch_size]
-        rows = batch + [[eot]] * (batch_size - len(batch))  # one compiled shape
-        ids = np.full([batch_size, seq_len], filler, np.int32)
-        mask = np.zeros([batch_size, seq_len], bool)
+        rows = batch + [[eot]] * (batch_size - len(batch))  # one batch size
+        width = _buffer(max(len(row) for row in batch), max_new_tokens, seq_len)
+        ids = np.full([batch_size, width], filler, np.int32)
+        mask = np.zeros([batch_size, width], bool)
         for r, row in enumerate(rows):
             ids[r, :len(row)], mask[r, :len(row)] = row, True
         got = step({"token_ids": tf.constant(ids), "padding_mask": tf.constant(mask)})
@@ -66,8 +77,9 @@ class Decoder:
     `cfg` shapes the model; `sampler_fn()` makes one keras-hub sampler per
     replica. All workers call it with the same prompts and get the same
     texts. Within a worker the replicas decode their shares one after
-    another (Keras builds and traces models unsafely across threads);
-    workers decode at the same time.
+    another, each on its device (Keras builds and traces models unsafely
+    across threads): workers decode at the same time, a worker's GPUs in
+    turn.
     """
 
     def __init__(self, strategy, cfg, tokenizer, sampler_fn, batch_size: int = 16):
@@ -78,8 +90,9 @@ class Decoder:
             strategy.experimental_distribute_values_from_function(
                 lambda ctx: tf.constant(ctx.replica_id_in_sync_group)))
         self.replica_ids = [int(i.numpy()) for i in ids]
+        self.devices = list(strategy.extended.worker_devices)
         self.models, self.steps, self.batch_sizes = [], [], []
-        for device in strategy.extended.worker_devices:
+        for device in self.devices:
             with tf.device(device):
                 model = build_model(cfg, tokenizer.vocab_size)
             sampler = sampler_fn()
@@ -91,6 +104,7 @@ class Decoder:
             # keeps each completion its own.
             beam = isinstance(sampler, keras_hub.samplers.BeamSampler)
             self.batch_sizes.append(1 if beam else batch_size)
+        self._gather_fn = None
 
     def __call__(self, weights, prompts: list[str], max_new_tokens: int) -> list[str]:
         seq_len, eot = self.cfg.seq_len, self.tokenizer.eot_id
@@ -98,12 +112,14 @@ class Decoder:
         encoded = _encode(self.tokenizer, prompts, seq_len - max_new_tokens)
         replicas = self.strategy.num_replicas_in_sync
         tables = {}
-        for replica, model, step, size in zip(self.replica_ids, self.models, self.steps,
-                                              self.batch_sizes):
+        for device, replica, model, step, size in zip(self.devices, self.replica_ids,
+                                                      self.models, self.steps,
+                                                      self.batch_sizes):
             model.set_weights(weights)
             mine = list(range(replica, len(encoded), replicas))
-            rows = decode(model, [encoded[i] for i in mine], max_new_tokens, step, seq_len,
-                          eot, size)
+            with tf.device(device):
+                rows = decode(model, [encoded[i] for i in mine], max_new_tokens, step,
+                              seq_len, eot, size)
             # Token + 1, so 0 marks "no token" and the tables add up.
             table = np.zeros([len(encoded), max_new_tokens], np.int32)
             for i, row in zip(mine, rows):
@@ -115,15 +131,18 @@ class Decoder:
         return [self.tokenizer.decode([int(t) - 1 for t in row if t > 0]) for row in table]
 
     def _gather(self, tables: dict) -> np.ndarray:
+        """Every replica's table summed over all replicas and workers. As
+        float32 (exact for ids below 2**24), the dtype every collective
+        implementation (ring, NCCL) sums."""
         strategy = self.strategy
         values = strategy.experimental_distribute_values_from_function(
-            lambda ctx: tf.constant(tables[ctx.replica_id_in_sync_group]))
-
-        @tf.function
-        def gather(values):
-            return strategy.run(lambda v: tf.distribute.get_replica_context().all_reduce(
-                tf.distribute.ReduceOp.SUM, v), args=(values,))
-        return strategy.experimental_local_results(gather(values))[0].numpy()
+            lambda ctx: tf.constant(tables[ctx.replica_id_in_sync_group], tf.float32))
+        if self._gather_fn is None:  # traced once per table shape
+            self._gather_fn = tf.function(lambda values: strategy.run(
+                lambda v: tf.distribute.get_replica_context().all_reduce(
+                    tf.distribute.ReduceOp.SUM, v), args=(values,)))
+        summed = strategy.experimental_local_results(self._gather_fn(values))[0]
+        return np.rint(summed.numpy()).astype(np.int64)
 
 
 def complete(strategy, cfg, weights, tokenizer, prompts: list[str], max_new_tokens: int,
@@ -135,11 +154,14 @@ def complete(strategy, cfg, weights, tokenizer, prompts: list[str], max_new_toke
 
 def complete_file(model_dir: str, input_spec: str, output: str, prompt_template: str,
                   max_new_tokens: int, sampler_fn, batch_size: int, strategy,
-                  log=print) -> int:
+                  log=print, tfds_data_dir: str | None = None,
+                  tfds_download: bool = False) -> int:
     """tfdp-generate --input: every record of `input_spec` (JSONL, CSV or a
-    TFDS split) completed by the newest readable checkpoint of `model_dir`,
-    written to the JSONL file `output` as the record plus "completion", in
-    input order, atomically (the chief writes it). Returns the count."""
+    TFDS split, default split test) completed by the newest readable
+    checkpoint of `model_dir`, written to the JSONL file `output` as the
+    record plus "generated" (a "completion" it has, the reference, stays),
+    in input order, atomically (the chief writes it). `sampler_fn(vocab
+    size)` makes a sampler. Returns the count."""
     import dataclasses
     import json
     import os
@@ -157,15 +179,15 @@ def complete_file(model_dir: str, input_spec: str, output: str, prompt_template:
     if not os.path.isdir(os.path.dirname(output)):
         raise UserError(f"--output={output}: its directory does not exist; create it first")
     cfg, tokenizer, model_dir = load_run(model_dir)
-    records = read_records(input_spec, "test", "--input")
+    records = read_records(input_spec, "test", "--input", tfds_data_dir, tfds_download)
     prompts = render(records, prompt_template, "").prompts
     plain = dataclasses.replace(cfg, mixed_precision="off")
     model = build_model(plain, tokenizer.vocab_size)
     checkpoint = restore_weights(model, model_dir)
     texts = complete(strategy, plain, model.get_weights(), tokenizer, prompts, max_new_tokens,
-                     sampler_fn, batch_size)
+                     lambda: sampler_fn(tokenizer.vocab_size), batch_size)
     if is_chief(strategy):
-        write_text(output, "".join(json.dumps({**row, "completion": text}, ensure_ascii=False)
+        write_text(output, "".join(json.dumps({**row, "generated": text}, ensure_ascii=False)
                                    + "\n" for row, text in zip(records.rows, texts)))
         log(f"wrote {len(texts):,} completions of {records.what} to {output} ({checkpoint}, "
             f"{strategy.num_replicas_in_sync} replica(s))")

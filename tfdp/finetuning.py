@@ -57,8 +57,9 @@ PARTIAL_SUFFIX = ".tfdp-partial"
 # What a resumed fine-tune must share with the interrupted one: everything
 # that decides the weights. The strategy, replicas and cadence may change.
 RESUME_FIELDS = ("model_dir", "train", "eval", "task", "text_column", "label_column",
-                 "prompt_template", "completion_template", "pack", "pooling", "seq_len", "global_batch_size", "steps", "learning_rate",
-                 "warmup_fraction", "weight_decay", "clip_norm", "seed")
+                 "prompt_template", "completion_template", "pack", "pooling", "seq_len",
+                 "global_batch_size", "steps", "learning_rate", "warmup_fraction",
+                 "weight_decay", "clip_norm", "seed")
 
 
 def partial_dir(output_dir: str) -> str:
@@ -143,12 +144,15 @@ def _completion(fc: FinetuneConfig, cfg: Config, tokenizer, model_dir: str) -> _
     task = CompletionTask(cfg, tokenizer.vocab_size, seq_len, fc.seed, model_dir,
                           train=train_w, evaluation=eval_w, scoring=scoring)
     cut = train_tok.prompts_cut + eval_tok.prompts_cut
+    long = train_tok.completions_cut + eval_tok.completions_cut
+    layout = "packed" if fc.pack else "one example each"
     return _Setup(task, seq_len, len(train_ex.prompts), len(eval_ex.prompts),
                   {"train_windows": len(train_w), "eval_windows": len(eval_w),
-                   "prompts_cut": cut, "loss_fraction": round(train_w.loss_fraction, 4)},
-                  {}, f"{len(train_w):,} train windows ({'packed' if fc.pack else 'one example each'}"
-                  f", {100 * train_w.loss_fraction:.1f}% of targets carry loss); {cut:,} prompts "
-                  f"cut from the left to fit")
+                   "prompts_cut": cut, "completions_cut": long,
+                   "loss_fraction": round(train_w.loss_fraction, 4)},
+                  {}, f"{len(train_w):,} train windows ({layout}, "
+                  f"{100 * train_w.loss_fraction:.1f}% of targets carry loss); {cut:,} prompts "
+                  f"cut from the left to fit, {long:,} completions longer than the window cut")
 
 
 SETUPS = {"classification": _classification, "completion": _completion}
@@ -165,7 +169,8 @@ def _finetune_in(fc: FinetuneConfig, strategy, output_dir: str, work: str, write
         raise UserError(f"--seq_len={fc.seq_len} exceeds the model's seq_len={cfg.seq_len} "
                         "(its position embeddings end there); use at most that")
     setup = SETUPS[fc.task](fc, cfg, tokenizer, model_dir)
-    task, seq_len, n, batch = setup.task, setup.seq_len, setup.train_examples, fc.global_batch_size
+    task, seq_len, n = setup.task, setup.seq_len, setup.train_examples
+    batch = fc.global_batch_size
     # Classification steps through examples, completion through windows.
     rows = n if fc.task == "classification" else setup.config["train_windows"]
     steps = fc.train_steps or max(1, math.ceil(fc.epochs * rows / batch))
@@ -272,8 +277,10 @@ def _check_resumable(work: str, config: dict, name: str) -> bool:
     saved = read_json(os.path.join(work, name))
     if not saved:
         return False  # nothing recorded yet: it never got past its set-up (or only holds it)
-    diffs = [f"--{k}={saved.get(k)!r} (now {config[k]!r})" for k in RESUME_FIELDS
-             if saved.get(k) != config[k]]
+    # A field an older tfdp did not record had its default then.
+    defaults = {f.name: f.default for f in dataclasses.fields(FinetuneConfig)}
+    diffs = [f"--{k}={saved.get(k, defaults.get(k))!r} (now {config[k]!r})"
+             for k in RESUME_FIELDS if saved.get(k, defaults.get(k)) != config[k]]
     if diffs:
         raise UserError(f"{work} holds an interrupted fine-tune into the same --output_dir "
                         f"with {', '.join(diffs)}; rerun with those flags to resume it, or "

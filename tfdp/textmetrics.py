@@ -11,7 +11,9 @@
     accuracy            label words: the stripped prediction equals a
                         reference (glue/sst2 as "positive"/"negative")
 
-All are percentages (0-100), as sacrebleu and the SQuAD script print them.
+BLEU, chrF, exact match and F1 are percentages (0-100), as sacrebleu and
+the SQuAD script print them; accuracy is a fraction (0-1), as a
+classifier's accuracy is everywhere in tfdp.
 Every example may have several references (squad's `answers/text`); the
 first is what fine-tuning trains on, all of them count when scoring.
 Pure Python: no TensorFlow, so scoring a file of predictions is instant.
@@ -77,10 +79,10 @@ def translation_scores(predictions: Sequence[str],
 
 
 def label_accuracy(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
-    """Percentage of predictions that equal (stripped) one of their references."""
+    """Fraction of predictions that equal (stripped) one of their references."""
     _check(predictions, references)
     hits = sum(p.strip() in {r.strip() for r in refs} for p, refs in zip(predictions, references))
-    return 100.0 * hits / max(len(predictions), 1)
+    return hits / max(len(predictions), 1)
 
 
 def text_scores(predictions: Sequence[str], references: Sequence[Sequence[str]],

@@ -16,7 +16,8 @@ flags.DEFINE_string("data", None,
                     "model's tokenizer and scored whole. Default: the run's own val split.")
 flags.DEFINE_enum("split", "val", ["train", "val"], "Split of a prepared --data to score.")
 flags.DEFINE_integer("batch_size", 0,
-                     "Windows per step over all replicas; 0: the run's --global_batch_size.")
+                     "Windows per step over all replicas; 0: the run's --global_batch_size. "
+                     "Scoring completions: prompts per decoding call on each replica (0: 16).")
 flags.DEFINE_bool("json", False, "Print the figures as one JSON object instead.")
 flags.DEFINE_string("prompt_template", None, "Score generated completions of the examples in "
                     "--data (JSONL, CSV or tfds:NAME[:SPLIT], split default test) with this "
@@ -36,9 +37,15 @@ def main() -> None:
 
     options = {"text_feature": FLAGS.text_feature, "data_dir": FLAGS.tfds_data_dir,
                "download": FLAGS.tfds_download}
+    # Generated text is scored for examples: a JSONL file, a template flag,
+    # or a completion fine-tune given a file or a TFDS split (a prepared
+    # directory, a glob or a directory of text is scored on loss).
+    import os
     templates = FLAGS.prompt_template or FLAGS.completion_template
-    if FLAGS.data and (templates or completion_templates(FLAGS.model_dir)
-                       or FLAGS.data.endswith((".jsonl", ".json"))):
+    examples = FLAGS.data and (FLAGS.data.startswith("tfds:") or os.path.isfile(
+        os.path.expanduser(FLAGS.data)))
+    if FLAGS.data and (templates or FLAGS.data.endswith(".jsonl") or (
+            examples and completion_templates(FLAGS.model_dir))):
         score_completions(FLAGS.model_dir, FLAGS.data, unescape(FLAGS.prompt_template),
                           unescape(FLAGS.completion_template), "test", FLAGS.max_new_tokens,
                           FLAGS.sampler, FLAGS.num_beams, FLAGS.batch_size or 16,

@@ -9,13 +9,14 @@ from trainer.flags import FLAGS, define_loop_flags, define_strategy_flags, unesc
 flags.DEFINE_string("model_dir", None, "A directory written by tfdp-train (its latest "
                     "checkpoint is the starting point).", required=True)
 flags.DEFINE_string("task", "classification", "What to fine-tune for: classification (a "
-                    "label per text, a new head) or completion (prompt -> completion: translation, question answering, "
-                    "instructions, label words; the loss falls on the completion only).")
+                    "label per text, a new head) or completion (prompt -> completion: "
+                    "translation, question answering, instructions, label words; the loss "
+                    "falls on the completion only).")
 flags.DEFINE_string("train", None, "Training examples: a JSONL file (one object per line), "
                     "a CSV file with a header row, or tfds:NAME[/CONFIG][:SPLIT] (split "
                     "default: train).", required=True)
 flags.DEFINE_string("eval", None, "Held-out examples, as --train (TFDS split default: test); "
-                    "accuracy is reported on them.", required=True)
+                    "the evaluations score them.", required=True)
 flags.DEFINE_string("output_dir", None, "New (or empty) directory for the fine-tuned "
                     "weights, config.json, labels.json, metrics.json, TensorBoard logs and a "
                     "report; it appears when the fine-tune ends (until then the work is in "

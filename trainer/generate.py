@@ -6,7 +6,7 @@ from absl import flags
 
 from tfdp.config import SAMPLERS
 from trainer import cli
-from trainer.flags import FLAGS, define_strategy_flags, unescape
+from trainer.flags import FLAGS, define_strategy_flags, define_tfds_flags, unescape
 
 flags.DEFINE_string("model_dir", None, "A directory written by tfdp-train.", required=True)
 flags.DEFINE_string("prompt", "", "Text to continue; empty starts a new document.")
@@ -22,11 +22,13 @@ flags.DEFINE_string("input", None, "Complete many prompts: a JSONL file (one obj
                     "a CSV file or tfds:NAME[:SPLIT]; each example's prompt is "
                     "--prompt_template over its fields. Needs --output.")
 flags.DEFINE_string("output", None, "With --input: a new JSONL file, one line per example in "
-                    "input order: its fields plus \"completion\".")
-flags.DEFINE_string("prompt_template", "{prompt}", "With --input: the prompt of each example, "
-                    "a Python format string over its fields (\\n is a newline).")
+                    "input order: its fields plus \"generated\".")
+flags.DEFINE_string("prompt_template", None, "With --input: the prompt of each example, a "
+                    "Python format string over its fields (\\n is a newline). Default: a "
+                    "completion fine-tune's own, else {prompt}.")
 flags.DEFINE_integer("batch_size", 16, "With --input: prompts per decoding call and replica.")
 define_strategy_flags()
+define_tfds_flags()
 
 
 def main() -> None:
@@ -45,9 +47,13 @@ def main() -> None:
         from tfdp.strategy import build_strategy
         strategy = build_strategy(FLAGS.strategy, FLAGS.num_cpu_replicas,
                                   collective=FLAGS.collective, allow_cpu=FLAGS.allow_cpu)
-        complete_file(FLAGS.model_dir, FLAGS.input, FLAGS.output,
-                      unescape(FLAGS.prompt_template), FLAGS.max_length, sampler,
-                      FLAGS.batch_size, strategy)
+        from tfdp.evaluation import completion_templates
+        template = unescape(FLAGS.prompt_template) or (
+            completion_templates(FLAGS.model_dir) or {"prompt_template": "{prompt}"}
+        )["prompt_template"]
+        complete_file(FLAGS.model_dir, FLAGS.input, FLAGS.output, template, FLAGS.max_length,
+                      sampler, FLAGS.batch_size, strategy, tfds_data_dir=FLAGS.tfds_data_dir,
+                      tfds_download=FLAGS.tfds_download)
         return
     from tfdp.restore import load_trained
 

@@ -528,3 +528,17 @@ def test_interrupted_completion_fine_tune_resumes_to_the_same_weights(pretrained
     b = load_trained(str(tmp_path / "crashed"))[0].get_weights()
     worst = max(float(np.max(np.abs(x - y))) for x, y in zip(a, b))
     assert worst < 1e-5, worst
+
+
+def test_a_partial_fine_tune_from_before_the_completion_fields_resumes(tmp_path):
+    """An interrupted classification fine-tune recorded before
+    prompt_template, completion_template and pack existed still resumes;
+    a real difference is still refused."""
+    from tfdp.finetuning import ADDED, RESUME_FIELDS, _check_resumable
+    config = {**dataclasses.asdict(FinetuneConfig(model_dir="m", train="t.csv", eval="e.csv",
+                                                  output_dir="o")), "steps": 10}
+    old = {k: config[k] for k in RESUME_FIELDS if k not in ADDED}
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    assert _check_resumable(str(tmp_path), config, "config.json") is True
+    with pytest.raises(UserError, match=r"--steps=10 \(now 11\)"):
+        _check_resumable(str(tmp_path), {**config, "steps": 11}, "config.json")

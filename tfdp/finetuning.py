@@ -60,6 +60,7 @@ RESUME_FIELDS = ("model_dir", "train", "eval", "task", "text_column", "label_col
                  "prompt_template", "completion_template", "pack", "pooling", "seq_len",
                  "global_batch_size", "steps", "learning_rate", "warmup_fraction",
                  "weight_decay", "clip_norm", "seed")
+ADDED = ("prompt_template", "completion_template", "pack")
 
 
 def partial_dir(output_dir: str) -> str:
@@ -277,10 +278,11 @@ def _check_resumable(work: str, config: dict, name: str) -> bool:
     saved = read_json(os.path.join(work, name))
     if not saved:
         return False  # nothing recorded yet: it never got past its set-up (or only holds it)
-    # A field an older tfdp did not record had its default then.
-    defaults = {f.name: f.default for f in dataclasses.fields(FinetuneConfig)}
-    diffs = [f"--{k}={saved.get(k, defaults.get(k))!r} (now {config[k]!r})"
-             for k in RESUME_FIELDS if saved.get(k, defaults.get(k)) != config[k]]
+    # Fields added since tfdp first recorded fine-tunes: an older one had
+    # their defaults (it was a classification, which ignores them).
+    added = {f.name: f.default for f in dataclasses.fields(FinetuneConfig) if f.name in ADDED}
+    diffs = [f"--{k}={saved.get(k, added.get(k))!r} (now {config[k]!r})"
+             for k in RESUME_FIELDS if saved.get(k, added.get(k)) != config[k]]
     if diffs:
         raise UserError(f"{work} holds an interrupted fine-tune into the same --output_dir "
                         f"with {', '.join(diffs)}; rerun with those flags to resume it, or "

@@ -207,3 +207,29 @@ def eval_dataset_fn(split: Split, global_batch_size: int, steps: int):
                 .map(lambda q: (windows(tf.minimum(q, n - 1)), tf.cast(q < n, tf.float32)))
                 .prefetch(tf.data.AUTOTUNE))
     return dataset_fn
+
+
+def shuffled_rows_fn(arrays, global_batch_size: int, seed: int, start_step: int,
+                     unit_weights: bool = False):
+    """A dataset function over rows of equally long `arrays` (a fine-tune's
+    examples or windows): endless per-replica batches in a seeded
+    permutation per epoch (`shuffled_index`), continuing exactly at
+    `start_step`; with `unit_weights`, each batch ends with a weight of 1
+    per row."""
+    tensors = [tf.constant(a) for a in arrays]
+    n = int(tensors[0].shape[0])
+
+    def take(rows):
+        taken = tuple(tf.gather(t, rows) for t in tensors)
+        return (*taken, tf.ones(tf.shape(rows), tf.float32)) if unit_weights else taken
+
+    def dataset_fn(ctx: tf.distribute.InputContext) -> tf.data.Dataset:
+        per_replica = ctx.get_per_replica_batch_size(global_batch_size)
+        # Pipeline p of P takes global positions p, p+P, ... of one order.
+        first = start_step * global_batch_size + ctx.input_pipeline_id
+        return (tf.data.Dataset.range(first, tf.int64.max, ctx.num_input_pipelines)
+                .map(lambda q: shuffled_index(q, n, seed))
+                .batch(per_replica, drop_remainder=True)
+                .map(take)
+                .prefetch(tf.data.AUTOTUNE))
+    return dataset_fn

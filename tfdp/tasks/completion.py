@@ -28,7 +28,7 @@ import keras
 import tensorflow as tf
 
 from tfdp.completiondata import Windows
-from tfdp.dataset import shuffled_index
+from tfdp.dataset import shuffled_rows_fn
 from tfdp.model import build_model, segment_logits
 from tfdp.restore import restore_weights
 from tfdp.tasks import Task
@@ -106,19 +106,7 @@ class CompletionTask(Task):
         return self.seq_len
 
     def train_dataset_fn(self, global_batch_size: int, seed: int, start_step: int):
-        n = len(self.train)
-        tensors = [tf.constant(a) for a in self.train.arrays()]
-
-        def dataset_fn(ctx: tf.distribute.InputContext) -> tf.data.Dataset:
-            per_replica = ctx.get_per_replica_batch_size(global_batch_size)
-            # Pipeline p of P takes global positions p, p+P, ... of one order.
-            first = start_step * global_batch_size + ctx.input_pipeline_id
-            return (tf.data.Dataset.range(first, tf.int64.max, ctx.num_input_pipelines)
-                    .map(lambda q: shuffled_index(q, n, seed))
-                    .batch(per_replica, drop_remainder=True)
-                    .map(lambda rows: tuple(tf.gather(t, rows) for t in tensors))
-                    .prefetch(tf.data.AUTOTUNE))
-        return dataset_fn
+        return shuffled_rows_fn(self.train.arrays(), global_batch_size, seed, start_step)
 
     def eval_dataset_fn(self, global_batch_size: int):
         """Every eval window once; positions past the end, up to a whole

@@ -159,7 +159,8 @@ def complete_file(model_dir: str, input_spec: str, output: str, prompt_template:
     """tfdp-generate --input: every record of `input_spec` (JSONL, CSV or a
     TFDS split, default split test) completed by the newest readable
     checkpoint of `model_dir`, written to the JSONL file `output` as the
-    record plus "generated" (a "completion" it has, the reference, stays),
+    record, nested as the source nests it, plus "generated" (a
+    "completion" it has, the reference, stays),
     in input order, atomically (the chief writes it). `sampler_fn(vocab
     size)` makes a sampler. Returns the count."""
     import dataclasses
@@ -188,7 +189,7 @@ def complete_file(model_dir: str, input_spec: str, output: str, prompt_template:
                      lambda: sampler_fn(tokenizer.vocab_size), batch_size)
     if is_chief(strategy):
         write_text(output, "".join(json.dumps({**row, "generated": text}, ensure_ascii=False)
-                                   + "\n" for row, text in zip(records.rows, texts)))
+                                   + "\n" for row, text in zip(map(records.source_row, range(len(texts))), texts)))
         log(f"wrote {len(texts):,} completions of {records.what} to {output} ({checkpoint}, "
             f"{strategy.num_replicas_in_sync} replica(s))")
     return len(texts)

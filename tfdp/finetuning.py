@@ -2,6 +2,7 @@
 the same Runner as pretraining, for one of two tasks:
 
     FinetuneConfig (flags, trainer/finetune.py) -> strategy -> examples
+    and a Task (tfdp/finetune_tasks.py, one function per --task):
     -> classification: labels and tokens (tfdp/classdata.py) ->
        ClassificationTask (tfdp/tasks/classification.py)
     -> completion: templates and windows (tfdp/completiondata.py) ->
@@ -31,12 +32,12 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 
 import numpy as np
 import tensorflow as tf
 
-from tfdp import classdata, completiondata, rundir, watchdog
+from tfdp import classdata, rundir, watchdog
+from tfdp.finetune_tasks import SETUPS
 from tfdp.atomic import publish, require_new_or_empty, write_text
 from tfdp.config import Config, FinetuneConfig, check_batch
 from tfdp.errors import UserError
@@ -49,9 +50,8 @@ from tfdp.rundir import read_json
 from tfdp.runner import Runner, Schedule
 from tfdp.step import default_jit_compile
 from tfdp.strategy import build_strategy, describe, is_chief
-from tfdp.tasks.classification import Classifier, ClassificationTask, build_classifier
+from tfdp.tasks.classification import Classifier, build_classifier
 from tfdp.tasks.classification import predict as predict_packed
-from tfdp.tasks.completion import CompletionTask, Scoring
 
 PARTIAL_SUFFIX = ".tfdp-partial"
 # What a resumed fine-tune must share with the interrupted one: everything
@@ -87,78 +87,6 @@ def finetune(fc: FinetuneConfig, callbacks=(), log=print, live=None) -> dict:
         fc, strategy, output_dir, work, write_dir, callbacks, say, live), log, live)
 
 
-@dataclasses.dataclass
-class _Setup:
-    """What one --task contributes to a fine-tune: its Task, the values the
-    job records (config), files to write beside it, and a line for the log."""
-
-    task: object
-    seq_len: int
-    train_examples: int
-    eval_examples: int
-    config: dict
-    files: dict  # name in the output -> JSON-able content
-    summary: str
-
-
-def _classification(fc: FinetuneConfig, cfg: Config, tokenizer, model_dir: str) -> _Setup:
-    read = dict(text_column=fc.text_column, label_column=fc.label_column,
-                tfds_data_dir=fc.tfds_data_dir, tfds_download=fc.tfds_download)
-    train_ex = classdata.read_examples(fc.train, default_split="train", flag="--train", **read)
-    eval_ex = classdata.read_examples(fc.eval, default_split="test", flag="--eval", **read)
-    classes, train_labels, eval_labels = classdata.resolve_labels(train_ex, eval_ex)
-    train_ids = tokenizer.encode(train_ex.texts)
-    eval_ids = tokenizer.encode(eval_ex.texts)
-    longest = max(len(x) for x in train_ids + eval_ids) + 1
-    seq_len = fc.seq_len or min(longest, cfg.seq_len)
-    task = ClassificationTask(
-        cfg, tokenizer.vocab_size, len(classes), fc.pooling, seq_len, fc.seed, model_dir,
-        train=(*classdata.pack(train_ids, seq_len, tokenizer.eot_id), train_labels),
-        evaluation=(*classdata.pack(eval_ids, seq_len, tokenizer.eot_id), eval_labels))
-    truncated = sum(len(x) >= seq_len for x in train_ids)
-    return _Setup(task, seq_len, len(train_labels), len(eval_labels),
-                  {"num_classes": len(classes)},
-                  {"labels.json": {"classes": classes,
-                                   "ids": {c: i for i, c in enumerate(classes)}}},
-                  f"{len(classes)} classes; {truncated:,} train texts truncated")
-
-
-def _completion(fc: FinetuneConfig, cfg: Config, tokenizer, model_dir: str) -> _Setup:
-    read = dict(tfds_data_dir=fc.tfds_data_dir, tfds_download=fc.tfds_download)
-    train_ex = completiondata.read_completions(fc.train, fc.prompt_template,
-                                               fc.completion_template, "train", "--train", **read)
-    eval_ex = completiondata.read_completions(fc.eval, fc.prompt_template,
-                                              fc.completion_template, "test", "--eval", **read)
-    # The window is the model's: prompts and completions vary in length, and
-    # packing fills it.
-    seq_len = fc.seq_len or cfg.seq_len
-    train_tok = completiondata.tokenize(train_ex, tokenizer, seq_len)
-    eval_tok = completiondata.tokenize(eval_ex, tokenizer, seq_len)
-    # Packing follows a seeded shuffle, so windows mix examples of every
-    # kind; each epoch then permutes the windows.
-    order = np.random.default_rng(fc.seed).permutation(len(train_tok.tokens))
-    train_w = completiondata.windows(train_tok, seq_len, fc.pack, order)
-    eval_w = completiondata.windows(eval_tok, seq_len, fc.pack)
-    scored = slice(0, fc.score_examples)
-    scoring = Scoring(eval_ex.prompts[scored], eval_ex.references[scored], tokenizer,
-                      fc.max_new_tokens, fc.sampler, fc.num_beams)
-    task = CompletionTask(cfg, tokenizer.vocab_size, seq_len, fc.seed, model_dir,
-                          train=train_w, evaluation=eval_w, scoring=scoring)
-    cut = train_tok.prompts_cut + eval_tok.prompts_cut
-    long = train_tok.completions_cut + eval_tok.completions_cut
-    layout = "packed" if fc.pack else "one example each"
-    return _Setup(task, seq_len, len(train_ex.prompts), len(eval_ex.prompts),
-                  {"train_windows": len(train_w), "eval_windows": len(eval_w),
-                   "prompts_cut": cut, "completions_cut": long,
-                   "loss_fraction": round(train_w.loss_fraction, 4)},
-                  {}, f"{len(train_w):,} train windows ({layout}, "
-                  f"{100 * train_w.loss_fraction:.1f}% of targets carry loss); {cut:,} prompts "
-                  f"cut from the left to fit, {long:,} completions longer than the window cut")
-
-
-SETUPS = {"classification": _classification, "completion": _completion}
-
-
 def _finetune_in(fc: FinetuneConfig, strategy, output_dir: str, work: str, write_dir: str,
                  callbacks, say, live) -> dict:
     """Fine-tune in `work` (checkpoints into `write_dir`: `work` on the
@@ -172,9 +100,7 @@ def _finetune_in(fc: FinetuneConfig, strategy, output_dir: str, work: str, write
     setup = SETUPS[fc.task](fc, cfg, tokenizer, model_dir)
     task, seq_len, n = setup.task, setup.seq_len, setup.train_examples
     batch = fc.global_batch_size
-    # Classification steps through examples, completion through windows.
-    rows = n if fc.task == "classification" else setup.config["train_windows"]
-    steps = fc.train_steps or max(1, math.ceil(fc.epochs * rows / batch))
+    steps = fc.train_steps or max(1, math.ceil(fc.epochs * setup.rows / batch))
     # The values this job actually uses, recorded once and checked on resume.
     config = {**dataclasses.asdict(fc), "model_dir": model_dir, "output_dir": output_dir,
               "seq_len": seq_len, "steps": steps, **setup.config,
@@ -183,11 +109,11 @@ def _finetune_in(fc: FinetuneConfig, strategy, output_dir: str, work: str, write
               "pretrained_config": json.loads(cfg.to_json())}
     # One job at a time per output_dir: a second is refused, naming the first.
     held = rundir.hold(work, flag="--output_dir") if chief else None
-    config_name = CONFIG_FILE[fc.task]
+    config_name = setup.config_file
     resume = _check_resumable(work, config, config_name) if chief else os.path.isdir(work)
     say(f"strategy: {describe(strategy)}; pretrained: {model_dir}; {n:,} train / "
         f"{setup.eval_examples:,} eval examples of up to {seq_len} tokens; {setup.summary}; "
-        f"{steps} steps of {batch} ({steps * batch / rows:.2f} epochs); working in {work}")
+        f"{steps} steps of {batch} ({steps * batch / setup.rows:.2f} epochs); working in {work}")
     say("config: " + " ".join(f"{k}={v}" for k, v in sorted(config.items())
                               if k != "pretrained_config"))
     optimizer = Config(learning_rate=fc.learning_rate, min_learning_rate=0.0,
@@ -212,10 +138,7 @@ def _finetune_in(fc: FinetuneConfig, strategy, output_dir: str, work: str, write
                 os.path.join(work, config_name)).get("pretrained_checkpoint")
         os.makedirs(work, exist_ok=True)
         write_text(os.path.join(work, config_name), json.dumps(config, indent=2))
-        for name, content in setup.files.items():
-            write_text(os.path.join(work, name), json.dumps(content, indent=2))
-        if fc.task == "completion":  # the output is a tfdp run: generate, eval, export read it
-            _write_run_files(work, cfg, model_dir, output_dir, seq_len)
+        setup.write_files(work, cfg, model_dir, output_dir)
     logs = runner.fit()
     metrics = {**{k: v for k, v in logs.items() if k.startswith(("eval_", "train_loss"))},
                **{k: v for k, v in setup.config.items() if k != "train_windows"},
@@ -223,14 +146,9 @@ def _finetune_in(fc: FinetuneConfig, strategy, output_dir: str, work: str, write
                "steps": steps, "step": runner.step, "num_replicas": replicas,
                "tokens_per_second": runner.mean_tokens_per_second,
                "pretrained_checkpoint": config.get("pretrained_checkpoint"),
-               "history": runner.history}
-    if fc.task == "classification":
-        metrics["classes"] = setup.files["labels.json"]["classes"]
+               "history": runner.history, **setup.metrics}
     if chief:
-        model = runner.model
-        if fc.task == "classification":  # the final weights, apart from the loop's checkpoints
-            tf.train.Checkpoint(backbone=model.backbone, head=model.head).write(
-                os.path.join(work, "checkpoint", "ckpt"))
+        setup.write_final(work, runner.model)
         write_text(os.path.join(work, "metrics.json"), json.dumps(metrics, indent=2))
         if fc.report:
             try:  # the report is a view of the run: its failure must not fail it
@@ -242,31 +160,10 @@ def _finetune_in(fc: FinetuneConfig, strategy, output_dir: str, work: str, write
         with contextlib.suppress(OSError):  # the lock file moved along; the lock stays held
             os.unlink(os.path.join(output_dir, rundir.LOCK_NAME))
         held.release()
-        shown = ("eval_accuracy",) if fc.task == "classification" else (
-            "eval_loss", "eval_bleu", "eval_chrf", "eval_exact_match", "eval_f1",
-            "eval_accuracy")
-        score = ", ".join(f"{k[5:].replace('_', ' ')} {metrics[k]:.4g}" for k in shown
+        score = ", ".join(f"{k[5:].replace('_', ' ')} {metrics[k]:.4g}" for k in setup.shown
                           if k in metrics)
         runner.log(f"eval {score}; wrote {output_dir}")
     return metrics
-
-
-# Where the fine-tune's own config is recorded: a completion's output is
-# also a tfdp run, whose config.json is the model's (tfdp/config.py Config).
-CONFIG_FILE = {"classification": "config.json", "completion": "finetune.json"}
-
-
-def _write_run_files(work: str, cfg: Config, model_dir: str, output_dir: str,
-                     seq_len: int) -> None:
-    """config.json (the model's Config) and tokenizer/ in `work`, so the
-    published output_dir is a run every command reads (its checkpoints/ are
-    the loop's)."""
-    run_cfg = dataclasses.replace(cfg, model_dir=output_dir, mixed_precision="off",
-                                  init_from=None)
-    write_text(os.path.join(work, "config.json"), run_cfg.to_json())
-    tokenizer_dir = os.path.join(work, "tokenizer")
-    if not os.path.isdir(tokenizer_dir):
-        shutil.copytree(os.path.join(model_dir, "tokenizer"), tokenizer_dir)
 
 
 def _check_resumable(work: str, config: dict, name: str) -> bool:

@@ -43,6 +43,12 @@ class Records:
     where: list[str]
     fields: list[str]
     classes: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    # The rows as the source nests them (what tfdp-generate --output writes
+    # back); None: as `rows` (CSV has no nesting).
+    nested: list[dict] | None = None
+
+    def source_row(self, i: int) -> dict:
+        return self.rows[i] if self.nested is None else self.nested[i]
 
 
 def read_records(spec: str, default_split: str, flag: str, tfds_data_dir: str | None = None,
@@ -83,7 +89,7 @@ def _read_csv(path: str) -> Records:
 
 
 def _read_jsonl(path: str) -> Records:
-    rows, where, fields = [], [], {}
+    rows, where, fields, nested = [], [], {}, []
     with open(path, encoding="utf-8-sig", errors="replace") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
@@ -96,13 +102,14 @@ def _read_jsonl(path: str) -> Records:
             if not isinstance(row, dict):
                 raise UserError(f"line {number} of {path} is a JSON {type(row).__name__}, not "
                                 "an object; write one object of named fields per line")
+            nested.append(row)
             row = _flatten(row)
             fields.update(dict.fromkeys(row))
             rows.append(row)
             where.append(f"line {number} of {path}")
     if not rows:
         raise UserError(f"{path} holds no examples; write one JSON object per line")
-    return Records(path, rows, where, list(fields))
+    return Records(path, rows, where, list(fields), nested=nested)
 
 
 def _flatten(row: dict, prefix: str = "") -> dict:
@@ -115,6 +122,18 @@ def _flatten(row: dict, prefix: str = "") -> dict:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+def _unflatten(row: dict) -> dict:
+    """_flatten's inverse for TFDS rows (feature names hold no "/")."""
+    nested = {}
+    for key, value in row.items():
+        *outer, last = key.split("/")
+        inner = nested
+        for name in outer:
+            inner = inner.setdefault(name, {})
+        inner[last] = value
+    return nested
 
 
 def _plain(value):
@@ -153,4 +172,5 @@ def _read_tfds(spec: str, default_split: str, flag: str, data_dir: str | None,
         rows.append({k: _plain(v) for k, v in _flatten(example).items()})
         where.append(f"example {i} of {spec}")
     fields = list(rows[0]) if rows else list(features.keys())
-    return Records(f"{source.name} ({source.split})", rows, where, fields, classes)
+    return Records(f"{source.name} ({source.split})", rows, where, fields, classes,
+                   nested=[_unflatten(row) for row in rows])

@@ -173,3 +173,60 @@ def test_cli_names_the_flag_that_disagrees(gpt2_preset, tmp_path):
     assert done.returncode == 2 and "is not a keras-hub preset" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_fine_tunes_from_a_preset(gpt2_preset, tmp_path):
+    """tfdp-finetune --init_from: the preset's weights are the start (its
+    whole context: the window may use all 64 positions), its tokenizer
+    tokenizes the examples, and the output is a run of that tokenizer that
+    the other commands read, recording where it started."""
+    from tfdp.config import FinetuneConfig
+    from tfdp.finetuning import finetune
+    from tfdp.presets import same_tokenizer
+    from tfdp.restore import load_pretrained
+
+    rows = [{"prompt": f"def f{i}(x):", "completion": f" return x + {i}"} for i in range(24)]
+    data = tmp_path / "ex.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    start, lines = Snapshot(), []
+    out = tmp_path / "out"
+    fc = FinetuneConfig(model_dir=None, init_from=str(gpt2_preset), train=str(data),
+                        eval=str(data), output_dir=str(out), task="completion", train_steps=2,
+                        global_batch_size=4, score_examples=4, max_new_tokens=2,
+                        strategy="one_device", jit_compile=False, report=False,
+                        tensorboard_graph=False)
+    metrics = finetune(fc, callbacks=[start], log=lines.append)
+    preset = keras_hub.models.GPT2Backbone.from_preset(str(gpt2_preset))
+    for got, want in zip(start.weights, preset.weights):
+        np.testing.assert_array_equal(got, np.asarray(want.numpy()), err_msg=want.path)
+    assert metrics["seq_len"] == 64 and metrics["step"] == 2
+    assert metrics["pretrained_checkpoint"] == str(gpt2_preset)
+    saved = json.loads((out / "finetune.json").read_text())
+    assert saved["init_from"] == str(gpt2_preset) and saved["model_dir"] is None
+    model, tokenizer, cfg = load_trained(str(out))
+    assert cfg.tokenizer == "bpe" and cfg.seq_len == 64
+    assert same_tokenizer(tokenizer, load_pretrained(None, str(gpt2_preset)).tokenizer)
+
+    # One starting point, and a preset must bring its tokenizer: one line
+    # each, nothing written.
+    with pytest.raises(UserError, match=r"^give one starting point: --model_dir=RUN"):
+        finetune(replace(fc, model_dir=str(out), output_dir=str(tmp_path / "o2")))
+    bare = tmp_path / "bare"
+    _backbone(300).save_to_preset(str(bare))
+    with pytest.raises(UserError, match=r"^--init_from=.*bare has no tokenizer .*save_to_preset"):
+        finetune(replace(fc, init_from=str(bare), output_dir=str(tmp_path / "o3")))
+    assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()
+    assert not any(p.name.startswith(".o") for p in tmp_path.iterdir())
+
+    # A classifier from the preset reads back through load_finetuned.
+    from tfdp.finetuning import load_finetuned, predict
+    labelled = tmp_path / "labelled.csv"
+    labelled.write_text("text,label\n" + "".join(f"def f{i}(x): pass,{'ab'[i % 2]}\n"
+                                                  for i in range(8)), encoding="utf-8")
+    classifier_dir = tmp_path / "classifier"
+    finetune(replace(fc, task="classification", train=str(labelled), eval=str(labelled),
+                     output_dir=str(classifier_dir), train_steps=1))
+    model, tokenizer, classes, seq_len = load_finetuned(str(classifier_dir))
+    assert classes == ["a", "b"] and tokenizer.kind == "bpe"
+    assert predict(model, tokenizer, ["def g(x): pass"], seq_len).shape == (1,)

@@ -250,10 +250,11 @@ class Config:
 class FinetuneConfig:
     """One fine-tuning job; trainer/finetune.py fills it from flags."""
 
-    model_dir: str
+    model_dir: str | None  # the tfdp run to start from, or None with init_from
     train: str
     eval: str
     output_dir: str
+    init_from: str | None = None  # or a keras-hub GPT-2 preset directory
     task: str = "classification"
     # completion: Python format strings over each example's fields
     # (tfdp/completiondata.py); the defaults read TRL's prompt-completion JSONL.
@@ -296,6 +297,9 @@ class FinetuneConfig:
     tfds_download: bool = False
 
     def validate(self) -> "FinetuneConfig":
+        if bool(self.model_dir) == bool(self.init_from):
+            raise UserError("give one starting point: --model_dir=RUN (a tfdp-train run) or "
+                            "--init_from=PRESET (a keras-hub GPT-2 preset directory)")
         if self.task not in FINETUNE_TASKS:
             raise UserError(f"--task={self.task!r} is unknown; use one of "
                             f"{', '.join(FINETUNE_TASKS)}")

@@ -15,7 +15,7 @@ import tensorflow as tf
 
 from tfdp import classdata, completiondata
 from tfdp.atomic import write_text
-from tfdp.config import Config, FinetuneConfig
+from tfdp.config import FinetuneConfig
 from tfdp.tasks.classification import ClassificationTask
 from tfdp.tasks.completion import CompletionTask, Scoring
 
@@ -38,7 +38,7 @@ class Setup:
     files: dict = dataclasses.field(default_factory=dict)  # name -> JSON content
     metrics: dict = dataclasses.field(default_factory=dict)  # added to the final metrics
 
-    def write_files(self, work: str, cfg: Config, model_dir: str, output_dir: str) -> None:
+    def write_files(self, work: str, pretrained, output_dir: str) -> None:
         """What the output holds beside the fine-tune's config and
         checkpoints (the chief, before training)."""
         for name, content in self.files.items():
@@ -57,19 +57,25 @@ class _ClassificationSetup(Setup):
 
 
 class _CompletionSetup(Setup):
-    def write_files(self, work: str, cfg: Config, model_dir: str, output_dir: str) -> None:
-        """config.json (the model's Config) and tokenizer/, so the published
-        output_dir is a run every command reads (generate, eval, export);
-        its checkpoints/ are the loop's."""
-        run_cfg = dataclasses.replace(cfg, model_dir=output_dir, mixed_precision="off",
-                                      init_from=None)
+    def write_files(self, work: str, pretrained, output_dir: str) -> None:
+        """config.json (the model's Config) and tokenizer/ (the pretrained
+        run's or preset's), so the published output_dir is a run every
+        command reads (generate, eval, export); its checkpoints/ are the
+        loop's."""
+        run_cfg = dataclasses.replace(pretrained.cfg, model_dir=output_dir,
+                                      mixed_precision="off", init_from=None)
         write_text(os.path.join(work, "config.json"), run_cfg.to_json())
         tokenizer_dir = os.path.join(work, "tokenizer")
-        if not os.path.isdir(tokenizer_dir):
-            shutil.copytree(os.path.join(model_dir, "tokenizer"), tokenizer_dir)
+        if not os.path.isdir(tokenizer_dir):  # whole or not at all: a resume rewrites it
+            staged = tokenizer_dir + ".partial"
+            shutil.rmtree(staged, ignore_errors=True)
+            os.makedirs(staged)
+            pretrained.tokenizer.save(staged)
+            os.replace(staged, tokenizer_dir)
 
 
-def classification(fc: FinetuneConfig, cfg: Config, tokenizer, model_dir: str) -> Setup:
+def classification(fc: FinetuneConfig, pretrained) -> Setup:
+    cfg, tokenizer = pretrained.cfg, pretrained.tokenizer
     read = dict(text_column=fc.text_column, label_column=fc.label_column,
                 tfds_data_dir=fc.tfds_data_dir, tfds_download=fc.tfds_download)
     train_ex = classdata.read_examples(fc.train, default_split="train", flag="--train", **read)
@@ -80,7 +86,7 @@ def classification(fc: FinetuneConfig, cfg: Config, tokenizer, model_dir: str) -
     longest = max(len(x) for x in train_ids + eval_ids) + 1
     seq_len = fc.seq_len or min(longest, cfg.seq_len)
     task = ClassificationTask(
-        cfg, tokenizer.vocab_size, len(classes), fc.pooling, seq_len, fc.seed, model_dir,
+        cfg, tokenizer.vocab_size, len(classes), fc.pooling, seq_len, fc.seed, pretrained,
         train=(*classdata.pack(train_ids, seq_len, tokenizer.eot_id), train_labels),
         evaluation=(*classdata.pack(eval_ids, seq_len, tokenizer.eot_id), eval_labels))
     truncated = sum(len(x) >= seq_len for x in train_ids)
@@ -92,7 +98,8 @@ def classification(fc: FinetuneConfig, cfg: Config, tokenizer, model_dir: str) -
         metrics={"classes": classes})
 
 
-def completion(fc: FinetuneConfig, cfg: Config, tokenizer, model_dir: str) -> Setup:
+def completion(fc: FinetuneConfig, pretrained) -> Setup:
+    cfg, tokenizer = pretrained.cfg, pretrained.tokenizer
     read = dict(tfds_data_dir=fc.tfds_data_dir, tfds_download=fc.tfds_download)
     train_ex = completiondata.read_completions(fc.train, fc.prompt_template,
                                                fc.completion_template, "train", "--train", **read)
@@ -111,7 +118,7 @@ def completion(fc: FinetuneConfig, cfg: Config, tokenizer, model_dir: str) -> Se
     scored = slice(0, fc.score_examples)
     scoring = Scoring(eval_ex.prompts[scored], eval_ex.references[scored], tokenizer,
                       fc.max_new_tokens, fc.sampler, fc.num_beams)
-    task = CompletionTask(cfg, tokenizer.vocab_size, seq_len, fc.seed, model_dir,
+    task = CompletionTask(cfg, tokenizer.vocab_size, seq_len, fc.seed, pretrained,
                           train=train_w, evaluation=eval_w, scoring=scoring)
     cut = train_tok.prompts_cut + eval_tok.prompts_cut
     long = train_tok.completions_cut + eval_tok.completions_cut

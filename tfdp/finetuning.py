@@ -45,7 +45,7 @@ from tfdp.flops import flops_per_token, machine_peak_flops
 from tfdp.model import non_embedding_params
 from tfdp.optimizer import build_optimizer
 from tfdp.report import write_report
-from tfdp.restore import load_run
+from tfdp.restore import load_pretrained
 from tfdp.rundir import read_json
 from tfdp.runner import Runner, Schedule
 from tfdp.step import default_jit_compile
@@ -56,11 +56,11 @@ from tfdp.tasks.classification import predict as predict_packed
 PARTIAL_SUFFIX = ".tfdp-partial"
 # What a resumed fine-tune must share with the interrupted one: everything
 # that decides the weights. The strategy, replicas and cadence may change.
-RESUME_FIELDS = ("model_dir", "train", "eval", "task", "text_column", "label_column",
+RESUME_FIELDS = ("model_dir", "init_from", "train", "eval", "task", "text_column", "label_column",
                  "prompt_template", "completion_template", "pack", "pooling", "seq_len",
                  "global_batch_size", "steps", "learning_rate", "warmup_fraction",
                  "weight_decay", "clip_norm", "seed")
-ADDED = ("prompt_template", "completion_template", "pack")
+ADDED = ("init_from", "prompt_template", "completion_template", "pack")
 
 
 def partial_dir(output_dir: str) -> str:
@@ -76,7 +76,8 @@ def finetune(fc: FinetuneConfig, callbacks=(), log=print, live=None) -> dict:
     fc = fc.validate()
     output_dir = require_new_or_empty(fc.output_dir, "--output_dir")
     # The strategy first: it fixes TensorFlow's devices.
-    saved = Config.load(os.path.abspath(os.path.expanduser(fc.model_dir))) or Config()
+    saved = (Config.load(os.path.abspath(os.path.expanduser(fc.model_dir))) if fc.model_dir
+             else None) or Config()
     strategy = build_strategy(fc.strategy, fc.num_cpu_replicas,
                               collective_timeout=saved.collective_timeout,
                               collective=fc.collective, allow_cpu=fc.allow_cpu)
@@ -93,16 +94,18 @@ def _finetune_in(fc: FinetuneConfig, strategy, output_dir: str, work: str, write
     chief), then publish it as output_dir."""
     chief = write_dir == work
     replicas = strategy.num_replicas_in_sync
-    cfg, tokenizer, model_dir = load_run(fc.model_dir)
+    pretrained = load_pretrained(fc.model_dir, fc.init_from)
+    cfg = pretrained.cfg
     if fc.seq_len > cfg.seq_len:
         raise UserError(f"--seq_len={fc.seq_len} exceeds the model's seq_len={cfg.seq_len} "
                         "(its position embeddings end there); use at most that")
-    setup = SETUPS[fc.task](fc, cfg, tokenizer, model_dir)
+    setup = SETUPS[fc.task](fc, pretrained)
     task, seq_len, n = setup.task, setup.seq_len, setup.train_examples
     batch = fc.global_batch_size
     steps = fc.train_steps or max(1, math.ceil(fc.epochs * setup.rows / batch))
     # The values this job actually uses, recorded once and checked on resume.
-    config = {**dataclasses.asdict(fc), "model_dir": model_dir, "output_dir": output_dir,
+    config = {**dataclasses.asdict(fc), "output_dir": output_dir,
+              pretrained.flag[2:]: pretrained.path,
               "seq_len": seq_len, "steps": steps, **setup.config,
               "jit_compile": (default_jit_compile("off", strategy) if fc.jit_compile is None
                               else fc.jit_compile),  # float32 compute (the task's model)
@@ -111,7 +114,7 @@ def _finetune_in(fc: FinetuneConfig, strategy, output_dir: str, work: str, write
     held = rundir.hold(work, flag="--output_dir") if chief else None
     config_name = setup.config_file
     resume = _check_resumable(work, config, config_name) if chief else os.path.isdir(work)
-    say(f"strategy: {describe(strategy)}; pretrained: {model_dir}; {n:,} train / "
+    say(f"strategy: {describe(strategy)}; pretrained: {pretrained.path}; {n:,} train / "
         f"{setup.eval_examples:,} eval examples of up to {seq_len} tokens; {setup.summary}; "
         f"{steps} steps of {batch} ({steps * batch / setup.rows:.2f} epochs); working in {work}")
     say("config: " + " ".join(f"{k}={v}" for k, v in sorted(config.items())
@@ -138,7 +141,7 @@ def _finetune_in(fc: FinetuneConfig, strategy, output_dir: str, work: str, write
                 os.path.join(work, config_name)).get("pretrained_checkpoint")
         os.makedirs(work, exist_ok=True)
         write_text(os.path.join(work, config_name), json.dumps(config, indent=2))
-        setup.write_files(work, cfg, model_dir, output_dir)
+        setup.write_files(work, pretrained, output_dir)
     logs = runner.fit()
     metrics = {**{k: v for k, v in logs.items() if k.startswith(("eval_", "train_loss"))},
                **{k: v for k, v in setup.config.items() if k != "train_windows"},
@@ -198,7 +201,8 @@ def load_finetuned(output_dir: str):
             classes = json.load(f)["classes"]
     except (OSError, ValueError, KeyError) as err:
         raise UserError(f"{output_dir} holds no tfdp-finetune output ({err})") from None
-    cfg, tokenizer, _ = load_run(config["model_dir"])
+    pretrained = load_pretrained(config.get("model_dir"), config.get("init_from"))
+    cfg, tokenizer = pretrained.cfg, pretrained.tokenizer
     seq_len = config["seq_len"]
     model = build_classifier(cfg, tokenizer.vocab_size, len(classes), config["pooling"],
                              seq_len, config["seed"])

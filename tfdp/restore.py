@@ -9,6 +9,7 @@ does.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 
@@ -68,3 +69,54 @@ def load_trained(model_dir: str, say=_warn):
     model = build_model(cfg, tokenizer.vocab_size)
     restore_weights(model, model_dir, say)
     return model, tokenizer, cfg
+
+
+@dataclasses.dataclass
+class Pretrained:
+    """Where a fine-tune starts: the newest readable checkpoint of a tfdp
+    run (`--model_dir`), or a keras-hub GPT-2 preset on local disk
+    (`--init_from`, tfdp/presets.py). `cfg` shapes the model, `tokenizer`
+    is the one its weights were trained with."""
+
+    flag: str  # "--model_dir" or "--init_from"
+    path: str  # absolute
+    cfg: Config
+    tokenizer: object
+    preset: object = None  # presets.Preset for --init_from
+
+    def load_into(self, model, say) -> str:
+        """Its weights into `model` (a causal LM or a model with the same
+        `backbone`, built under the strategy's scope); returns what they
+        came from (a checkpoint's path, or the preset's)."""
+        if self.preset is None:
+            return restore_weights(model, self.path)
+        from tfdp import presets
+        presets.load_weights(model, self.preset, self.cfg.seq_len, say)
+        return self.path
+
+
+def start_from(pretrained, model, say) -> str:
+    """Load a fine-tune's starting weights into `model`: `pretrained` is a
+    Pretrained, or the path of a tfdp run; returns what they came from."""
+    if isinstance(pretrained, Pretrained):
+        return pretrained.load_into(model, say)
+    return restore_weights(model, pretrained)
+
+
+def load_pretrained(model_dir: str | None, init_from: str | None) -> Pretrained:
+    """The starting point a fine-tune names: exactly one of a tfdp run and a
+    preset (UserError otherwise, or when it cannot be read)."""
+    if model_dir:  # FinetuneConfig.validate checked that exactly one is given
+        cfg, tokenizer, path = load_run(model_dir)
+        return Pretrained("--model_dir", path, cfg, tokenizer)
+    from tfdp import presets
+    # The model is the preset's whole context: --seq_len picks a window within it.
+    context = int(presets.read_preset(init_from).backbone["max_sequence_length"])
+    cfg, preset = presets.resolve(Config(init_from=init_from, seq_len=context), set())
+    tokenizer = preset.tokenizer()
+    if tokenizer is None:
+        raise UserError(f"--init_from={preset.path} has no tokenizer (a bare backbone); give "
+                        "a preset saved with its tokenizer (keras-hub's save_to_preset of a "
+                        "GPT2CausalLM, or tfdp-export --format=preset)")
+    cfg = dataclasses.replace(cfg, model_dir=preset.path, vocab_size=tokenizer.vocab_size)
+    return Pretrained("--init_from", preset.path, cfg, tokenizer, preset)

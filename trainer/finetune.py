@@ -1,13 +1,19 @@
-"""tfdp-finetune: a pretrained tfdp GPT fine-tuned as a text classifier,
-data-parallel like training."""
+"""tfdp-finetune: a pretrained GPT (a tfdp run or a keras-hub preset)
+fine-tuned as a text classifier or prompt -> completion, data-parallel like
+training."""
 
 from absl import flags
 
 from trainer import cli
 from trainer.flags import FLAGS, define_loop_flags, define_strategy_flags, unescape
 
-flags.DEFINE_string("model_dir", None, "A directory written by tfdp-train (its latest "
-                    "checkpoint is the starting point).", required=True)
+flags.DEFINE_string("model_dir", None, "A directory written by tfdp-train (its newest "
+                    "readable checkpoint is the starting point); or give --init_from.")
+flags.DEFINE_string("init_from", None, "Instead of --model_dir: a keras-hub GPT-2 preset "
+                    "directory on local disk, with its tokenizer (keras-hub's save_to_preset "
+                    "of a GPT2CausalLM, or tfdp-export --format=preset); its weights are the "
+                    "starting point, its tokenizer tokenizes the examples. Nothing is "
+                    "downloaded.")
 flags.DEFINE_string("task", "classification", "What to fine-tune for: classification (a "
                     "label per text, a new head) or completion (prompt -> completion: "
                     "translation, question answering, instructions, label words; the loss "

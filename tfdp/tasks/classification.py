@@ -26,7 +26,7 @@ import tensorflow as tf
 
 from tfdp.dataset import shuffled_rows_fn
 from tfdp.model import build_model
-from tfdp.restore import restore_weights
+from tfdp.restore import start_from
 from tfdp.tasks import Task
 
 class Classifier(keras.Model):
@@ -65,17 +65,18 @@ def build_classifier(cfg, vocab_size: int, num_classes: int, pooling: str,
 
 
 class ClassificationTask(Task):
-    """Fine-tune the tfdp-train run in `pretrained_dir` (config `cfg`) on
+    """Fine-tune `pretrained` (config `cfg`: a tfdp run's path, or a
+    tfdp.restore.Pretrained, e.g. a keras-hub preset) on
     `train` and score `evaluation`: each a tuple (token_ids [n, seq_len],
     padding_mask, labels [n]) from tfdp.classdata.pack."""
 
     eval_prefix = "eval_"
 
     def __init__(self, cfg, vocab_size: int, num_classes: int, pooling: str, seq_len: int,
-                 seed: int, pretrained_dir: str, train: tuple, evaluation: tuple):
+                 seed: int, pretrained, train: tuple, evaluation: tuple):
         self.cfg, self.vocab_size, self.num_classes = cfg, vocab_size, num_classes
         self.pooling, self.seq_len, self.seed = pooling, seq_len, seed
-        self.pretrained_dir, self.train, self.evaluation = pretrained_dir, train, evaluation
+        self.pretrained, self.train, self.evaluation = pretrained, train, evaluation
         self.pretrained_checkpoint: str | None = None  # set by initialize()
 
     def build_model(self) -> Classifier:
@@ -86,7 +87,7 @@ class ClassificationTask(Task):
         return {"backbone": model.backbone, "head": model.head}
 
     def initialize(self, model: Classifier, say) -> None:
-        self.pretrained_checkpoint = restore_weights(model, self.pretrained_dir)
+        self.pretrained_checkpoint = start_from(self.pretrained, model, say)
         say(f"starting from {self.pretrained_checkpoint}")
 
     def tokens_per_example(self) -> int:

@@ -30,7 +30,7 @@ import tensorflow as tf
 from tfdp.completiondata import Windows
 from tfdp.dataset import shuffled_rows_fn
 from tfdp.model import build_model, segment_logits
-from tfdp.restore import restore_weights
+from tfdp.restore import start_from
 from tfdp.tasks import Task
 
 
@@ -80,17 +80,18 @@ def decoder(model_cfg, scoring: Scoring, strategy):
 
 
 class CompletionTask(Task):
-    """Fine-tune the tfdp run in `pretrained_dir` (config `cfg`) on the
+    """Fine-tune `pretrained` (config `cfg`: a tfdp run's path, or a
+    tfdp.restore.Pretrained, e.g. a keras-hub preset) on the
     `train` windows and validate on the `evaluation` windows; with
     `scoring`, every evaluation also decodes and scores its examples."""
 
     eval_prefix = "eval_"
     count_varies = True
 
-    def __init__(self, cfg, vocab_size: int, seq_len: int, seed: int, pretrained_dir: str,
+    def __init__(self, cfg, vocab_size: int, seq_len: int, seed: int, pretrained,
                  train: Windows, evaluation: Windows, scoring: Scoring | None = None):
         self.cfg, self.vocab_size, self.seq_len, self.seed = cfg, vocab_size, seq_len, seed
-        self.pretrained_dir, self.train, self.evaluation = pretrained_dir, train, evaluation
+        self.pretrained, self.train, self.evaluation = pretrained, train, evaluation
         self.scoring, self.decoder = scoring, None
         self.pretrained_checkpoint: str | None = None  # set by initialize()
 
@@ -99,7 +100,7 @@ class CompletionTask(Task):
                            self.vocab_size)
 
     def initialize(self, model, say) -> None:
-        self.pretrained_checkpoint = restore_weights(model, self.pretrained_dir)
+        self.pretrained_checkpoint = start_from(self.pretrained, model, say)
         say(f"starting from {self.pretrained_checkpoint}")
 
     def tokens_per_example(self) -> int:

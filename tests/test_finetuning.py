@@ -495,19 +495,26 @@ def test_completion_learns_label_words_and_its_output_is_a_run(pretrained, tmp_p
 
 
 def test_interrupted_completion_fine_tune_resumes_to_the_same_weights(pretrained, tmp_path):
-    """A completion fine-tune that dies at step 7 (last checkpoint: 5) and is
-    rerun with the same command ends with the weights of one that ran
-    straight: the Runner's resume (windows, order and optimizer state) holds
-    for this task too. SIGTERM -> exit 75 is the Runner's, shown end to end
-    by the killed-and-preempted test."""
+    """A completion fine-tune that dies at step 7 (last checkpoint: 5), and
+    one sent SIGTERM at step 7 (Preempted, exit code 75, a checkpoint of
+    the step it stopped after), each rerun with the same command, end with the weights of one
+    that ran straight: the Runner's resume (windows, order and optimizer
+    state) holds for this task too. The killed-and-preempted test shows
+    SIGTERM -> exit 75 through the command line."""
     import keras
 
+    from tfdp.errors import Preempted
     from tfdp.restore import load_trained
 
     class Crash(keras.callbacks.Callback):
         def on_train_batch_end(self, batch, logs=None):
             if batch + 1 == 7:
                 raise KeyboardInterrupt
+
+    class Term(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if batch + 1 == 7:
+                os.kill(os.getpid(), signal.SIGTERM)
 
     rows = sentences(TRAIN_TEMPLATES, 120, 7)
     data = tmp_path / "train.jsonl"
@@ -524,10 +531,20 @@ def test_interrupted_completion_fine_tune_resumes_to_the_same_weights(pretrained
                        log=lines.append)
     assert any("resumed from step 5" in line for line in lines), lines
     assert resumed["step"] == 12
+    # The request rides on the next step's all-reduce: it stops after step 8.
+    with pytest.raises(Preempted, match="stopped by SIGTERM after step 8, checkpoint "
+                                        "saved") as stopped:
+        finetune(job(pretrained, data, data, tmp_path / "preempted", **common),
+                 callbacks=[Term()], log=quiet)
+    assert stopped.value.exit_code == 75
+    lines = []
+    finetune(job(pretrained, data, data, tmp_path / "preempted", **common), log=lines.append)
+    assert any("resumed from step 8" in line for line in lines), lines
     a = load_trained(str(tmp_path / "straight"))[0].get_weights()
-    b = load_trained(str(tmp_path / "crashed"))[0].get_weights()
-    worst = max(float(np.max(np.abs(x - y))) for x, y in zip(a, b))
-    assert worst < 1e-5, worst
+    for name in ("crashed", "preempted"):
+        b = load_trained(str(tmp_path / name))[0].get_weights()
+        worst = max(float(np.max(np.abs(x - y))) for x, y in zip(a, b))
+        assert worst < 1e-5, (name, worst)
 
 
 def test_a_partial_fine_tune_from_before_the_completion_fields_resumes(tmp_path):

@@ -423,12 +423,17 @@ def test_an_interrupted_fine_tune_with_other_flags_is_not_resumed(pretrained, na
         finetune(job(pretrained, *named_csvs, out, train_steps=2), log=quiet)
 
 
-def test_completion_learns_label_words_and_its_output_is_a_run(pretrained, tmp_path):
+def test_completion_learns_label_words_and_its_output_is_a_run(pretrained, tmp_path,
+                                                               one_device):
     """--task=completion on JSONL (TRL's prompt/completion fields), packed,
     2 replicas: the loss on the completions falls by half, every evaluation
     scores decoded text; output_dir is a tfdp run that load_trained (and so
     generate, eval, export) reads, and the console scripts agree with
-    training's figures."""
+    training's figures: tfdp-eval's scores, and tfdp-generate as two workers
+    (tfdp-launch) writing the texts one device decodes."""
+    from tfdp.completiondata import read_completions
+    from tfdp.decoding import complete
+    from tfdp.generate import make_sampler
     from tfdp.restore import load_trained
 
     def jsonl(path, rows):  # label words of one token each in the run's WordPiece vocabulary
@@ -462,17 +467,19 @@ def test_completion_learns_label_words_and_its_output_is_a_run(pretrained, tmp_p
     assert cfg.model_dir == str(out) and tokenizer.kind == "wordpiece"
 
     # The console scripts on the output, at once: tfdp-eval scores the 40
-    # examples training scored last, with the same figures; tfdp-generate
-    # completes them into a JSONL file, in order.
+    # examples training scored last, with the same figures; tfdp-generate,
+    # as two workers each decoding its share, completes them into a JSONL
+    # file, in order.
     scored = tmp_path / "scored.jsonl"
     scored.write_text("".join(eval_file.read_text().splitlines(keepends=True)[:40]))
-    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "TF_CONFIG")}
     procs = [subprocess.Popen([str(BIN / "tfdp-eval"), f"--model_dir={out}",
                                f"--data={scored}", "--max_new_tokens=3", "--json"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env),
-             subprocess.Popen([str(BIN / "tfdp-generate"), f"--model_dir={out}",
-                               f"--input={scored}", f"--output={tmp_path / 'done.jsonl'}",
-                               "--sampler=greedy", "--max_length=3"],
+             subprocess.Popen([str(BIN / "tfdp-launch"), "--num_workers=2", "--",
+                               "tfdp-generate", f"--model_dir={out}", f"--input={scored}",
+                               f"--output={tmp_path / 'done.jsonl'}", "--sampler=greedy",
+                               "--max_length=3", "--batch_size=8"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)]
     try:
         (ev_out, ev_err), (gen_out, gen_err) = (p.communicate(timeout=300) for p in procs)
@@ -484,14 +491,18 @@ def test_completion_learns_label_words_and_its_output_is_a_run(pretrained, tmp_p
     assert scores["examples"] == 40 and scores["step"] == 90
     for key in ("bleu", "chrf", "exact_match", "f1", "accuracy"):
         assert scores[key] == pytest.approx(metrics[f"eval_{key}"], abs=1e-9), key
-    assert procs[1].returncode == 0, gen_err
-    assert "wrote 40 completions" in gen_out
+    assert procs[1].returncode == 0, gen_out[-3000:] + gen_err[-3000:]
+    assert "wrote 40 completions" in gen_out and "2 replica(s)" in gen_out, gen_out[-3000:]
     done = [json.loads(line) for line in (tmp_path / "done.jsonl").read_text().splitlines()]
     asked = [json.loads(line) for line in scored.read_text().splitlines()]
     assert [d["prompt"] for d in done] == [a["prompt"] for a in asked]
     assert [d["completion"] for d in done] == [a["completion"] for a in asked]  # kept
     hits = sum(d["generated"].strip() == a["completion"].strip() for d, a in zip(done, asked))
     assert hits / 40 == pytest.approx(scores["accuracy"])
+    prompts = read_completions(str(scored), "{prompt}", "{completion}", "test", "--input").prompts
+    alone = complete(one_device, cfg, model.get_weights(), tokenizer, prompts, 3,
+                     lambda: make_sampler("greedy"), 8)
+    assert [d["generated"] for d in done] == alone
 
 
 def test_interrupted_completion_fine_tune_resumes_to_the_same_weights(pretrained, tmp_path):
@@ -532,10 +543,13 @@ def test_interrupted_completion_fine_tune_resumes_to_the_same_weights(pretrained
     assert any("resumed from step 5" in line for line in lines), lines
     assert resumed["step"] == 12
     # The request rides on the next step's all-reduce: it stops after step 8.
+    # After Preempted the guard's deadline stays armed (tfdp/preemption.py:
+    # the process is on its way out and must be gone within the grace), so
+    # here, in the test process, it must outlive the whole suite.
     with pytest.raises(Preempted, match="stopped by SIGTERM after step 8, checkpoint "
                                         "saved") as stopped:
-        finetune(job(pretrained, data, data, tmp_path / "preempted", **common),
-                 callbacks=[Term()], log=quiet)
+        finetune(job(pretrained, data, data, tmp_path / "preempted", **common,
+                     preemption_grace_seconds=4 * 3600), callbacks=[Term()], log=quiet)
     assert stopped.value.exit_code == 75
     lines = []
     finetune(job(pretrained, data, data, tmp_path / "preempted", **common), log=lines.append)

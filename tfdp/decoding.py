@@ -138,9 +138,12 @@ class Decoder:
         values = strategy.experimental_distribute_values_from_function(
             lambda ctx: tf.constant(tables[ctx.replica_id_in_sync_group], tf.float32))
         if self._gather_fn is None:  # traced once per table shape
+            # tf.identity: a value made on the replica's device; the
+            # multi-worker all-reduce takes its destination from it (a
+            # captured constant has none: "destinations can not be empty").
             self._gather_fn = tf.function(lambda values: strategy.run(
                 lambda v: tf.distribute.get_replica_context().all_reduce(
-                    tf.distribute.ReduceOp.SUM, v), args=(values,)))
+                    tf.distribute.ReduceOp.SUM, tf.identity(v)), args=(values,)))
         summed = strategy.experimental_local_results(self._gather_fn(values))[0]
         return np.rint(summed.numpy()).astype(np.int64)
 

@@ -61,7 +61,7 @@ def test_squad_shaped_nested_answers_give_every_reference(tmp_path):
     # tfdp-generate --output writes each record back as the source nests it.
     records = read_records(path, "train", "--input")
     assert records.rows[0]["answers/text"] == ["France", "in France"]
-    assert records.source_row(0)["answers"] == {"text": ["France", "in France"],
+    assert records.source_rows[0]["answers"] == {"text": ["France", "in France"],
                                                 "answer_start": [12, 9]}
 
 
@@ -340,7 +340,7 @@ def test_wmt_squad_and_sst2_shaped_tfds_splits(tfds_dir):
     assert squad.prompts == ["Paris is in France.\nQ: Where is Paris?\nA:"]
     assert squad.references == [[" France", " in France"]]
     row = read_records("tfds:tfdp_toy_squad:validation", "train", "--input",
-                       tfds_dir).source_row(0)
+                       tfds_dir).source_rows[0]
     assert row["answers"]["text"] == ["France", "in France"] and "answers/text" not in row
     sst2 = read_completions("tfds:tfdp_toy_sst2:validation", "{sentence}\nSentiment:",
                             " {label}", "train", "--eval", tfds_data_dir=tfds_dir)

@@ -192,7 +192,7 @@ def complete_file(model_dir: str, input_spec: str, output: str, prompt_template:
                      lambda: sampler_fn(tokenizer.vocab_size), batch_size)
     if is_chief(strategy):
         write_text(output, "".join(json.dumps({**row, "generated": text}, ensure_ascii=False)
-                                   + "\n" for row, text in zip(map(records.source_row, range(len(texts))), texts)))
+                                   + "\n" for row, text in zip(records.source_rows, texts)))
         log(f"wrote {len(texts):,} completions of {records.what} to {output} ({checkpoint}, "
             f"{strategy.num_replicas_in_sync} replica(s))")
     return len(texts)

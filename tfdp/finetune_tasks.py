@@ -62,6 +62,7 @@ class _CompletionSetup(Setup):
         run's or preset's), so the published output_dir is a run every
         command reads (generate, eval, export); its checkpoints/ are the
         loop's."""
+        super().write_files(work, pretrained, output_dir)
         run_cfg = dataclasses.replace(pretrained.cfg, model_dir=output_dir,
                                       mixed_precision="off", init_from=None)
         write_text(os.path.join(work, "config.json"), run_cfg.to_json())

@@ -56,9 +56,9 @@ from tfdp.tasks.classification import predict as predict_packed
 PARTIAL_SUFFIX = ".tfdp-partial"
 # What a resumed fine-tune must share with the interrupted one: everything
 # that decides the weights. The strategy, replicas and cadence may change.
-RESUME_FIELDS = ("model_dir", "init_from", "train", "eval", "task", "text_column", "label_column",
-                 "prompt_template", "completion_template", "pack", "pooling", "seq_len",
-                 "global_batch_size", "steps", "learning_rate", "warmup_fraction",
+RESUME_FIELDS = ("model_dir", "init_from", "train", "eval", "task", "text_column",
+                 "label_column", "prompt_template", "completion_template", "pack", "pooling",
+                 "seq_len", "global_batch_size", "steps", "learning_rate", "warmup_fraction",
                  "weight_decay", "clip_norm", "seed")
 ADDED = ("init_from", "prompt_template", "completion_template", "pack")
 

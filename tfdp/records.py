@@ -47,8 +47,9 @@ class Records:
     # back); None: as `rows` (CSV has no nesting).
     nested: list[dict] | None = None
 
-    def source_row(self, i: int) -> dict:
-        return self.rows[i] if self.nested is None else self.nested[i]
+    @property
+    def source_rows(self) -> list[dict]:
+        return self.rows if self.nested is None else self.nested
 
 
 def read_records(spec: str, default_split: str, flag: str, tfds_data_dir: str | None = None,

@@ -34,4 +34,4 @@ def test_qa_goes_from_nothing_to_the_right_span(figures):
     f = figures["qa"]
     assert f["before"]["exact_match"] < 5 and f["before"]["f1"] < 20, f["before"]
     assert f["after"]["exact_match"] > 90 and f["after"]["f1"] > 90, f
-    assert [h["step"] for h in f["history"]] == [200, 400]
+    assert [h["step"] for h in f["history"]] == [150, 300]

@@ -155,40 +155,6 @@ def test_whole_shard_files_per_worker(tmp_path, sharded_dir, one_device):
     assert logs["val_loss"] < 5.0 < np.log(257)  # it learned something in 20 steps
 
 
-def test_tfdp_launch_end_to_end(tmp_path, text_file):
-    model_dir = tmp_path / "run"
-    env = _env(tmp_path)
-    proc = _launch(["--num_workers=2", "--", "tfdp-train", f"--data={text_file}",
-                    f"--model_dir={model_dir}", *TINY, "--train_steps=6", "--eval_every=3",
-                    "--checkpoint_every=3", "--collective_timeout=60"], env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "Traceback" not in proc.stdout + proc.stderr
-    assert "tfdp-launch: all 2 worker(s) finished" in proc.stdout
-    # Only the chief reports; the other worker stays silent when all is well.
-    assert "[worker 0] step 6/6" in proc.stdout
-    # CPU workers all-reduce with RING (NCCL is for GPUs), and the log says so.
-    # (MultiWorkerMirroredStrategy's class is CollectiveAllReduceStrategy.)
-    assert re.search(r"^\[worker 0\] strategy: CollectiveAllReduceStrategy with 2 replica\(s\) "
-                     r"\(.*\); all-reduce: RING$", proc.stdout, re.M), proc.stdout[:3000]
-    assert not re.search(r"^\[worker 1\]", proc.stdout, re.M), proc.stdout
-    # Exactly one set of outputs, in model_dir, from the chief.
-    assert sorted(os.listdir(model_dir)) == ["checkpoints", "config.json", "data", "loss.png",
-                                             "metrics.json", "report.html", "sample.txt",
-                                             "tensorboard", "tokenizer", "training.png"]
-    metrics = json.loads((model_dir / "metrics.json").read_text())
-    assert metrics["step"] == 6 and metrics["num_replicas"] == 2
-    assert len(list((model_dir / "tensorboard" / "train").iterdir())) == 1
-    assert os.listdir(tmp_path / "tmp") == []  # the worker's scratch directory is gone
-    assert _no_processes_mention(str(model_dir)) == []
-    # Relaunching resumes on both workers from the chief's checkpoint.
-    proc = _launch(["--num_workers=2", "--", "tfdp-train", f"--data={text_file}",
-                    f"--model_dir={model_dir}", *TINY, "--train_steps=8", "--eval_every=3",
-                    "--checkpoint_every=3", "--collective_timeout=60"], env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "[worker 0] resumed from step 6" in proc.stdout
-    assert json.loads((model_dir / "metrics.json").read_text())["step"] == 8
-
-
 def _long_job_args(text_file, model_dir, timeout: int, checkpoint_every: int):
     return ["tfdp-train", f"--data={text_file}", f"--model_dir={model_dir}", *TINY,
             "--train_steps=100000", "--eval_every=100000",

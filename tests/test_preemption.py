@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -53,27 +54,15 @@ def _train_args(text_file, model_dir):
             "--eval_every=100000", "--checkpoint_every=100000", "--collective_timeout=60"]
 
 
-@pytest.mark.parametrize("workers, code", [(1, 75), (2, 138)])
-def test_sigterm_checkpoints_the_current_step_and_exits_75(tmp_path, text_file, workers, code):
-    """One worker with the default exit code; two (through tfdp-launch) with
-    --preempted_exit_code=138, Kubeflow's retryable code (deploy/k8s/tfjob.yaml)."""
+def test_sigterm_checkpoints_the_current_step_and_exits_75(tmp_path, text_file):
     model_dir = tmp_path / "run"
-    if workers == 1:
-        cmd = [str(BIN / "tfdp-train"), *_train_args(text_file, model_dir)]
-    else:
-        cmd = [str(BIN / "tfdp-launch"), f"--num_workers={workers}", "--",
-               "tfdp-train", *_train_args(text_file, model_dir), f"--preempted_exit_code={code}"]
-    proc = _start(cmd, tmp_path)
+    proc = _start([str(BIN / "tfdp-train"), *_train_args(text_file, model_dir)], tmp_path)
     output, took, seen = _run_past(proc, r"step 5/", sigterm=True)
     assert seen, output[-3000:]
-    assert proc.returncode == code, output[-3000:]
+    assert proc.returncode == 75, output[-3000:]
     assert took < 30, took
     assert "Traceback" not in output
-    stopped = re.search(r"error: stopped by SIGTERM after step (\d+), checkpoint saved", output)
-    assert stopped, output[-3000:]
-    step = int(stopped.group(1))
-    assert (model_dir / "checkpoints" / f"ckpt-{step}.index").exists()
-    assert _no_processes_mention(str(model_dir)) == []
+    step = _stopped_step(output, model_dir)
     # The same command resumes from that step.
     again = subprocess.run([str(BIN / "tfdp-train"),
                             *_train_args(text_file, model_dir)[:-4], f"--train_steps={step + 2}",
@@ -82,6 +71,60 @@ def test_sigterm_checkpoints_the_current_step_and_exits_75(tmp_path, text_file, 
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"resumed from step {step}" in again.stdout
     assert json.loads((model_dir / "metrics.json").read_text())["step"] == step + 2
+
+
+def _stopped_step(output: str, model_dir) -> int:
+    """The step a SIGTERM stopped after, as the log says; its checkpoint
+    exists and no process of the job is left."""
+    stopped = re.search(r"error: stopped by SIGTERM after step (\d+), checkpoint saved", output)
+    assert stopped, output[-3000:]
+    step = int(stopped.group(1))
+    assert (model_dir / "checkpoints" / f"ckpt-{step}.index").exists()
+    assert _no_processes_mention(str(model_dir)) == []
+    return step
+
+
+def test_a_launched_job_stops_on_sigterm_with_138_and_its_relaunch_finishes(tmp_path,
+                                                                           text_file):
+    """tfdp-launch end to end: two workers, SIGTERM to the launcher with
+    --preempted_exit_code=138 (Kubeflow's retryable code,
+    deploy/k8s/tfjob.yaml); then the same launch, asked for two more steps,
+    resumes both workers from the chief's checkpoint and finishes, with one
+    set of outputs from the chief and nothing from the other worker."""
+    model_dir = tmp_path / "run"
+    train = ["tfdp-train", *_train_args(text_file, model_dir), "--preempted_exit_code=138"]
+    proc = _start([str(BIN / "tfdp-launch"), "--num_workers=2", "--", *train], tmp_path)
+    output, took, seen = _run_past(proc, r"step 5/", sigterm=True)
+    assert seen, output[-3000:]
+    assert proc.returncode == 138, output[-3000:]
+    assert took < 30, took
+    assert "Traceback" not in output
+    step = _stopped_step(output, model_dir)
+    assert os.listdir(tmp_path / "tmp") == []  # the workers' scratch directories are gone
+    train[train.index("--train_steps=100000")] = f"--train_steps={step + 2}"
+    again = subprocess.run([str(BIN / "tfdp-launch"), "--num_workers=2", "--", *train],
+                           capture_output=True, text=True, timeout=300, env=_env(tmp_path))
+    out = again.stdout
+    assert again.returncode == 0, out[-3000:] + again.stderr[-3000:]
+    assert "Traceback" not in out + again.stderr
+    assert f"[worker 0] resumed from step {step}" in out
+    assert "tfdp-launch: all 2 worker(s) finished" in out
+    assert f"[worker 0] step {step + 2}/{step + 2}" in out
+    # CPU workers all-reduce with RING (NCCL is for GPUs), and the log says so.
+    # (MultiWorkerMirroredStrategy's class is CollectiveAllReduceStrategy.)
+    assert re.search(r"^\[worker 0\] strategy: CollectiveAllReduceStrategy with 2 replica\(s\) "
+                     r"\(.*\); all-reduce: RING$", out, re.M), out[:3000]
+    # Only the chief reports; the other worker stays silent when all is well.
+    assert not re.search(r"^\[worker 1\]", out, re.M), out
+    # Exactly one set of outputs, in model_dir, from the chief.
+    assert sorted(os.listdir(model_dir)) == ["checkpoints", "config.json", "data", "loss.png",
+                                             "metrics.json", "report.html", "sample.txt",
+                                             "tensorboard", "tokenizer", "training.png"]
+    metrics = json.loads((model_dir / "metrics.json").read_text())
+    assert metrics["step"] == step + 2 and metrics["num_replicas"] == 2
+    assert len(list((model_dir / "tensorboard" / "train").iterdir())) == 2  # one per launch
+    assert os.listdir(tmp_path / "tmp") == []
+    assert _no_processes_mention(str(model_dir)) == []
 
 
 def test_a_step_that_never_ends_after_sigterm_exits_75_within_the_grace(tmp_path, text_file):
